@@ -1,0 +1,1 @@
+"""Qt-free napari glue: layer data tuples, reader/writer commands, sample data."""

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package (``napari-histo-ai bench``)."""

@@ -1,0 +1,60 @@
+"""Exception types of napari-histo-ai.
+
+Every message names the offending value (a file, a key, a number), says what was
+expected, and what the user can do about it. Widgets show them as napari
+notifications; the CLI prints them as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HistoAIError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ImageReadError(HistoAIError):
+    """A file could not be read as an image.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (or folder) that failed.
+    problem : str
+        What is wrong with it.
+    hint : str, optional
+        What the user can do.
+    """
+
+    def __init__(self, path: str | Path, problem: str, hint: str = "") -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.hint = hint
+        message = f"{self.path}: {problem}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class UnsupportedFormatError(ImageReadError):
+    """No backend recognises the file."""
+
+
+class CorruptFileError(ImageReadError):
+    """The file claims a known format but its content is damaged or truncated."""
+
+
+class MissingDependencyError(HistoAIError):
+    """An optional backend is needed but not installed."""
+
+    def __init__(self, what: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"{what} needs the optional '{extra}' extra: "
+            f"pip install 'napari-histo-ai[{extra}]'"
+        )
+
+
+class MetadataError(HistoAIError):
+    """Metadata is missing or out of range (for example a negative mpp)."""

@@ -1,0 +1,1 @@
+"""Dock widgets: the only package that imports Qt and magicgui."""
