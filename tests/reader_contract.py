@@ -6,6 +6,7 @@ every test here then runs for that file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -89,7 +90,7 @@ class ReaderContract:
     def test_level_scale_matches_downsample(self, pyramid):
         ds = pyramid.downsamples
         assert ds[0] == 1
-        assert all(b > a for a, b in zip(ds, ds[1:], strict=False))
+        assert all(b > a for a, b in itertools.pairwise(ds))
         if pyramid.mpp is not None:
             for i in range(len(pyramid.levels)):
                 lm = pyramid.level_mpp(i)
@@ -111,8 +112,17 @@ class ReaderContract:
     def test_info_is_json(self, pyramid):
         info = pyramid.info()
         text = json.dumps(info)
-        for key in ("format", "backend", "levels", "downsamples", "mpp", "objective_power",
-                    "spacing_mm", "dtype", "axes"):
+        for key in (
+            "format",
+            "backend",
+            "levels",
+            "downsamples",
+            "mpp",
+            "objective_power",
+            "spacing_mm",
+            "dtype",
+            "axes",
+        ):
             assert key in info
         assert json.loads(text)["backend"] == self.backend
         assert len(info["levels"]) == len(pyramid.levels)

@@ -43,34 +43,62 @@ def write_page_pyramid(path: Path, *, compression: str = "jpeg") -> Path:
     levels = _levels(_texture(1000, 1300), 3)
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for i, lv in enumerate(levels):
-            tw.write(lv, tile=(128, 128), compression=compression, photometric="rgb",
-                     subfiletype=1 if i else 0, resolution=(RES[0] / 2**i, RES[1] / 2**i),
-                     resolutionunit="CENTIMETER")
+            tw.write(
+                lv,
+                tile=(128, 128),
+                compression=compression,
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                resolution=(RES[0] / 2**i, RES[1] / 2**i),
+                resolutionunit="CENTIMETER",
+            )
     return path
 
 
 def write_subifd_pyramid(path: Path) -> Path:
     levels = _levels(_texture(900, 1200, 1), 3)
     with tifffile.TiffWriter(path) as tw:
-        tw.write(levels[0], tile=(128, 128), compression="zlib", photometric="rgb",
-                 subifds=len(levels) - 1, resolution=RES, resolutionunit="CENTIMETER")
+        tw.write(
+            levels[0],
+            tile=(128, 128),
+            compression="zlib",
+            photometric="rgb",
+            subifds=len(levels) - 1,
+            resolution=RES,
+            resolutionunit="CENTIMETER",
+        )
         for i, lv in enumerate(levels[1:], 1):
-            tw.write(lv, tile=(128, 128), compression="zlib", photometric="rgb",
-                     subfiletype=1, resolution=(RES[0] / 2**i, RES[1] / 2**i),
-                     resolutionunit="CENTIMETER")
+            tw.write(
+                lv,
+                tile=(128, 128),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1,
+                resolution=(RES[0] / 2**i, RES[1] / 2**i),
+                resolutionunit="CENTIMETER",
+            )
     return path
 
 
 def write_ome_pyramid(path: Path) -> Path:
     levels = _levels(_texture(800, 1000, 2), 3)
     with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(levels[0], tile=(128, 128), compression="zlib", photometric="rgb",
-                 subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": 0.5,
-                                      "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "µm",
-                                      "PhysicalSizeYUnit": "µm"})
+        tw.write(
+            levels[0],
+            tile=(128, 128),
+            compression="zlib",
+            photometric="rgb",
+            subifds=2,
+            metadata={
+                "axes": "YXS",
+                "PhysicalSizeX": 0.5,
+                "PhysicalSizeY": 0.5,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeYUnit": "µm",
+            },
+        )
         for lv in levels[1:]:
-            tw.write(lv, tile=(128, 128), compression="zlib", photometric="rgb",
-                     subfiletype=1)
+            tw.write(lv, tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=1)
     return path
 
 
@@ -99,8 +127,9 @@ class TestCMU1(ReaderContract):
 
     def test_pixels_equal_full_decode(self, pyramid, path):
         full = tifffile.imread(path)
-        np.testing.assert_array_equal(np.asarray(pyramid.levels[0][300:900, 250:1000]),
-                                      full[300:900, 250:1000])
+        np.testing.assert_array_equal(
+            np.asarray(pyramid.levels[0][300:900, 250:1000]), full[300:900, 250:1000]
+        )
 
     def test_chunks_are_native_tiles(self, pyramid):
         assert pyramid.levels[0].chunksize == (240, 240, 3)
@@ -207,8 +236,9 @@ def test_grayscale_tiff_has_no_channel_axis(tmp_path):
 
 def test_default_72_dpi_is_not_an_mpp(tmp_path):
     p = tmp_path / "dpi.tif"
-    tifffile.imwrite(p, _texture(64, 64), photometric="rgb", resolution=(72, 72),
-                     resolutionunit="INCH")
+    tifffile.imwrite(
+        p, _texture(64, 64), photometric="rgb", resolution=(72, 72), resolutionunit="INCH"
+    )
     assert open_image(p).mpp is None
 
 
@@ -243,7 +273,7 @@ def test_truncated_real_svs(tmp_path):
     data = real("wsi/CMU-1-Small-Region.svs").read_bytes()
     bad = tmp_path / "cmu-truncated.svs"
     bad.write_bytes(data[: int(len(data) * 0.6)])
-    with pytest.raises(ImageReadError, match="cmu-truncated.svs"):
+    with pytest.raises(ImageReadError, match=r"cmu-truncated\.svs"):
         open_image(bad)
 
 
@@ -270,7 +300,7 @@ def test_corrupt_tile_is_a_clean_error_at_read(tmp_path, synth_dir):
     data = bytearray(src.read_bytes())
     with tifffile.TiffFile(src) as tf:
         off, cnt = tf.pages.first.dataoffsets[0], tf.pages.first.databytecounts[0]
-    data[off: off + cnt] = b"\xff" * cnt
+    data[off : off + cnt] = b"\xff" * cnt
     bad = tmp_path / "badtile.tif"
     bad.write_bytes(bytes(data))
     pyr = open_image(bad)

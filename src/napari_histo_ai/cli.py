@@ -52,7 +52,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .bench.read import run_read_benchmark
 
         result = run_read_benchmark(
-            args.paths, n_reads=args.reads, region=args.region, seed=args.seed,
+            args.paths,
+            n_reads=args.reads,
+            region=args.region,
+            seed=args.seed,
             generate=args.generate,
         )
         print(json.dumps(result, indent=2))
@@ -69,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print an image's metadata as JSON")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--backend", default="auto",
-                   help="auto (default), tifffile, openslide, ome-zarr, nibabel or pillow")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (default), tifffile, openslide, ome-zarr, nibabel or pillow",
+    )
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
@@ -83,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, metavar="PATH", help="a real slide to tile from")
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--quality", type=int, default=80, help="JPEG quality 1-100")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="µm/px to record (default: the source's mpp)")
+    p.add_argument(
+        "--mpp", type=float, default=None, help="µm/px to record (default: the source's mpp)"
+    )
     p.set_defaults(func=_cmd_make_slide)
 
     p = sub.add_parser("bench", help="run a benchmark and print JSON")
@@ -93,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reads", type=int, default=200, help="random regions per file")
     p.add_argument("--region", type=int, default=512, help="region edge in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--generate", metavar="OUT.tif", default=None,
-                   help="also generate (if absent) and benchmark a 100k x 80k slide here")
+    p.add_argument(
+        "--generate",
+        metavar="OUT.tif",
+        default=None,
+        help="also generate (if absent) and benchmark a 100k x 80k slide here",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -51,8 +51,7 @@ class MissingDependencyError(HistoAIError):
     def __init__(self, what: str, extra: str) -> None:
         self.extra = extra
         super().__init__(
-            f"{what} needs the optional '{extra}' extra: "
-            f"pip install 'napari-histo-ai[{extra}]'"
+            f"{what} needs the optional '{extra}' extra: pip install 'napari-histo-ai[{extra}]'"
         )
 
 

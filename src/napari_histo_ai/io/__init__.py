@@ -117,10 +117,14 @@ def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
         if chosen is None:
             raise _unrecognised(p)
         claimed = backend_for_extension(p)
-        if claimed is not None and claimed != chosen and {claimed, chosen} != {"tifffile", "openslide"}:
+        pair = {claimed, chosen}
+        if claimed is not None and claimed != chosen and pair != {"tifffile", "openslide"}:
             log.warning(
                 "%s: the extension suggests %s but the content is %s; reading it as %s",
-                p, claimed, chosen, chosen,
+                p,
+                claimed,
+                chosen,
+                chosen,
             )
     elif backend in BACKENDS:
         chosen = backend
@@ -130,6 +134,11 @@ def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
         )
     try:
         pyramid: Pyramid = _adapter(chosen).open_pyramid(p)
+        try:
+            pyramid.validate()
+        except HistoAIError:
+            pyramid.close()
+            raise
     except HistoAIError:
         raise
     except MemoryError as exc:

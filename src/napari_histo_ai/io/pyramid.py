@@ -79,6 +79,39 @@ class Pyramid:
         if self.mpp is None and self.mpp_source == "file":
             self.mpp_source = "missing"
 
+    def validate(self) -> None:
+        """Check the structure every consumer relies on; raise ``CorruptFileError`` if broken.
+
+        Every level non-empty, with the same axes and dtype, and smaller than the one
+        before; level 0 below a terapixel (a larger size means a damaged header).
+        """
+        from ..errors import CorruptFileError
+
+        if not self.levels:
+            raise CorruptFileError(self.path, "the image has no resolution levels")
+        previous = None
+        for i, lv in enumerate(self.levels):
+            if lv.ndim != len(self.axes) or lv.dtype != self.levels[0].dtype:
+                raise CorruptFileError(
+                    self.path,
+                    f"level {i} has shape {lv.shape} / {lv.dtype}, inconsistent "
+                    f"with axes {self.axes!r} / {self.levels[0].dtype}",
+                )
+            spatial = self.spatial_shape(i)
+            if any(s <= 0 for s in lv.shape):
+                raise CorruptFileError(self.path, f"level {i} has an empty dimension: {lv.shape}")
+            if previous is not None and math.prod(spatial) >= math.prod(previous):
+                raise CorruptFileError(
+                    self.path, f"level {i} {spatial} is not smaller than level {i - 1} {previous}"
+                )
+            previous = spatial
+        if math.prod(self.spatial_shape(0)) > 10**12:
+            raise CorruptFileError(
+                self.path,
+                f"implausible size {self.spatial_shape(0)} (over a terapixel)",
+                "the header is probably damaged",
+            )
+
     # -- geometry -----------------------------------------------------------------
     @property
     def channel_axis(self) -> int | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptFileError, UnsupportedFormatError
-from .pyramid import Pyramid
+from .pyramid import Kind, Pyramid
 
 if TYPE_CHECKING:
     import dask.array
@@ -86,18 +86,14 @@ def _open(tf: tifffile.TiffFile, path: Path, decode_threads: int | None) -> Pyra
     if not tf.pages or not tf.series:
         raise CorruptFileError(path, "the TIFF contains no images", "the file may be corrupt")
     series = tf.series[0]
+    # tifffile groups SVS/NDPI levels, SubIFDs and reduced pages (subfiletype=1) as levels
     pages = [lvl.keyframe for lvl in series.levels]
-    if len(series.levels) == 1 and not (tf.is_svs or tf.is_ndpi or tf.is_ome):
-        extra = _page_pyramid(tf, series)
-        if extra:
-            pages = [series.keyframe, *extra]
     for i, page in enumerate(pages):
         _check_tiles(path, tf, page, i)
 
     axes, squeeze = _axes(path, series.axes, series.shape)
     threads = decode_threads or max(2, os.cpu_count() or 2)
-    levels = [_level_array(path, series, page, i, len(pages), axes, squeeze, threads)
-              for i, page in enumerate(pages)]
+    levels = [_level_array(path, series, i, axes, squeeze, threads) for i in range(len(pages))]
     # drop levels that do not shrink (some files repeat a level)
     kept: list[dask.array.Array] = []
     for lv in levels:
@@ -106,7 +102,7 @@ def _open(tf: tifffile.TiffFile, path: Path, decode_threads: int | None) -> Pyra
 
     meta = _metadata(tf, path)
     tiled = bool(series.keyframe.is_tiled) or len(kept) > 1
-    kind = "slide" if tiled or meta["mpp"] is not None else "image"
+    kind: Kind = "slide" if tiled or meta["mpp"] is not None else "image"
     pyramid = Pyramid(
         levels=kept,
         axes=axes,
@@ -122,28 +118,6 @@ def _open(tf: tifffile.TiffFile, path: Path, decode_threads: int | None) -> Pyra
         _close=tf.close,
     )
     return pyramid
-
-
-def _page_pyramid(tf: tifffile.TiffFile, series: tifffile.TiffPageSeries) -> list[Any]:
-    """Reduced-resolution pages (``subfiletype & 1``) or SubIFDs that tifffile left out."""
-    key = series.keyframe
-    base = (key.imagelength, key.imagewidth)
-    found = []  # (SubIFD pyramids tifffile already exposes as series levels)
-    prev = base
-    for page in tf.pages[1:]:
-        page = page.keyframe if hasattr(page, "keyframe") and page.keyframe else page
-        if not getattr(page, "subfiletype", 0) & 1:
-            continue
-        shape = (page.imagelength, page.imagewidth)
-        same_kind = (
-            page.samplesperpixel == key.samplesperpixel and page.dtype == key.dtype
-        )
-        if same_kind and shape[0] < prev[0] and shape[1] < prev[1]:
-            ratio = base[1] / shape[1]
-            if abs(base[0] / shape[0] - ratio) / ratio < 0.05:
-                found.append(page)
-                prev = shape
-    return found
 
 
 def _check_tiles(path: Path, tf: tifffile.TiffFile, page: Any, level: int) -> None:
@@ -227,22 +201,12 @@ class _LevelReader:
 
 
 def _level_array(
-    path: Path,
-    series: Any,
-    page: Any,
-    level: int,
-    n_levels: int,
-    axes: str,
-    squeeze: list[int],
-    threads: int,
+    path: Path, series: Any, level: int, axes: str, squeeze: list[int], threads: int
 ) -> dask.array.Array:
     import dask.array as da
     import zarr
 
-    if n_levels == len(series.levels):
-        store = series.aszarr(level=level, maxworkers=threads)
-    else:  # pyramid assembled from reduced pages tifffile did not group
-        store = page.aszarr(maxworkers=threads)
+    store = series.aszarr(level=level, maxworkers=threads)
     arr = zarr.open_array(store, mode="r")
     reader = _LevelReader(path, level, arr, squeeze)
     native = [int(c) for i, c in enumerate(arr.chunks) if i not in squeeze]
@@ -257,7 +221,7 @@ def _level_array(
         fancy=False,
         lock=False,
         inline_array=True,
-        name=f"tiff-{abs(hash((str(path), level, os.path.getmtime(path))))}-{level}",
+        name=f"tiff-{abs(hash((str(path), level, path.stat().st_mtime_ns)))}-{level}",
         meta=_empty_meta(reader),
     )
 
@@ -292,7 +256,9 @@ def _metadata(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     elif tf.is_ndpi:
         fmt, vendor = "ndpi", "hamamatsu"
         tags = page.ndpi_tags or {}
-        raw = {k: v for k, v in tags.items() if isinstance(v, (int, float, str)) and k != "Comments"}
+        raw = {
+            k: v for k, v in tags.items() if isinstance(v, (int, float, str)) and k != "Comments"
+        }
         if _positive(tags.get("Magnification")):
             objective = float(tags["Magnification"])
         mpp = _mpp_from_resolution(page)
@@ -315,8 +281,13 @@ def _metadata(tf: tifffile.TiffFile, path: Path) -> dict[str, Any]:
     raw["compression"] = str(getattr(page.compression, "name", page.compression))
     if page.is_tiled:
         raw["tile_size"] = [int(page.tilelength), int(page.tilewidth)]
-    return {"format": fmt, "vendor": vendor, "mpp": mpp, "objective_power": objective,
-            "raw": _jsonable(raw)}
+    return {
+        "format": fmt,
+        "vendor": vendor,
+        "mpp": mpp,
+        "objective_power": objective,
+        "raw": _jsonable(raw),
+    }
 
 
 def _positive(value: Any) -> bool:
