@@ -50,6 +50,16 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: what a user calls the files each backend reads, for messages
+FORMAT_NAMES: dict[str, str] = {
+    "ome-zarr": "OME-Zarr",
+    "nibabel": "NIfTI",
+    "tifffile": "TIFF/SVS/NDPI",
+    "pillow": "PNG/JPEG/PGM",
+    "openslide": "OpenSlide (MRXS/VMS/SCN)",
+}
+
+
 def _adapter(name: str) -> ModuleType:
     return importlib.import_module(BACKENDS[name], __name__)
 
@@ -120,11 +130,11 @@ def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
         pair = {claimed, chosen}
         if claimed is not None and claimed != chosen and pair != {"tifffile", "openslide"}:
             log.warning(
-                "%s: the extension suggests %s but the content is %s; reading it as %s",
+                "%s: the name suggests a %s file but the content is %s; reading it as %s",
                 p,
-                claimed,
-                chosen,
-                chosen,
+                FORMAT_NAMES[claimed],
+                FORMAT_NAMES[chosen],
+                FORMAT_NAMES[chosen],
             )
     elif backend in BACKENDS:
         chosen = backend
@@ -167,7 +177,7 @@ def _unrecognised(p: Path) -> ImageReadError:
     except OSError as exc:
         return ImageReadError(p, f"cannot be read: {exc.strerror or exc}")
     claimed = backend_for_extension(p)
-    what = f"its name ends like a {claimed} file but " if claimed else ""
+    what = f"its name ends like a {FORMAT_NAMES[claimed]} file but " if claimed else ""
     return UnsupportedFormatError(
         p,
         f"{what}its content is not a format napari-histo-ai reads (starts with {head[:8]!r})",
