@@ -1,0 +1,197 @@
+"""Open napari with a slide and the "Open slide / volume" widget docked.
+
+Usage::
+
+    python scripts/demo.py                       # the packaged CMU-1 sample, interactive
+    python scripts/demo.py SLIDE.svs             # any file napari-histo-ai reads
+    python scripts/demo.py --screenshot out.png  # render, save a window screenshot, exit
+
+Without a display (no ``DISPLAY``/``WAYLAND_DISPLAY`` on Linux) the script re-runs itself
+under ``xvfb-run -a`` (or starts ``Xvfb`` itself) and saves a screenshot, by default to
+``.demo/demo.png``; it says so clearly when neither is installed (``apt-get install
+xvfb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Layer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_HEADLESS_SHOT = ROOT / ".demo" / "demo.png"
+SCREEN = "1600x1000x24"
+_REEXEC_FLAG = "NAPARI_HISTO_AI_DEMO_UNDER_XVFB"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "path", nargs="?", help="slide, volume or image to open (default: the CMU-1 sample)"
+    )
+    parser.add_argument(
+        "--screenshot",
+        metavar="PATH",
+        type=Path,
+        help="save a screenshot of the whole window (canvas and dock) to PATH and exit",
+    )
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=1.5,
+        help="seconds to let the canvas render before the screenshot (default 1.5)",
+    )
+    parser.add_argument(
+        "--size",
+        default="1400x900",
+        help="window size WIDTHxHEIGHT for the screenshot (default 1400x900)",
+    )
+    return parser.parse_args(argv)
+
+
+# -- headless support ---------------------------------------------------------------------
+def _has_display() -> bool:
+    if not sys.platform.startswith("linux"):
+        return True  # macOS / Windows always have a window system
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _start_xvfb() -> None:
+    """Start ``Xvfb`` on a free display for this process and stop it at exit."""
+    xvfb = shutil.which("Xvfb")
+    assert xvfb is not None
+    for number in range(99, 200):
+        if not Path(f"/tmp/.X{number}-lock").exists():
+            break
+    else:
+        raise SystemExit("demo: no free X display number between :99 and :199")
+    proc = subprocess.Popen(
+        [xvfb, f":{number}", "-screen", "0", SCREEN, "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    atexit.register(stop)
+    socket = Path(f"/tmp/.X11-unix/X{number}")
+    for _ in range(100):
+        if socket.exists():
+            break
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: Xvfb :{number} exited with status {proc.returncode}")
+        time.sleep(0.05)
+    os.environ["DISPLAY"] = f":{number}"
+
+
+def ensure_display(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Give the process a display: the real one, ``xvfb-run -a``, or our own ``Xvfb``.
+
+    Headless runs cannot be interactive, so they always save a screenshot (to
+    ``args.screenshot`` or ``.demo/demo.png``).
+    """
+    if _has_display():
+        return args
+    if args.screenshot is None:
+        args.screenshot = DEFAULT_HEADLESS_SHOT
+        argv = [*argv, "--screenshot", str(args.screenshot)]
+        print(f"demo: no display; saving a screenshot to {args.screenshot} instead")
+    xvfb_run = shutil.which("xvfb-run")
+    if xvfb_run and not os.environ.get(_REEXEC_FLAG):
+        env = {**os.environ, _REEXEC_FLAG: "1"}
+        cmd = [xvfb_run, "-a", "-s", f"-screen 0 {SCREEN}", sys.executable, __file__, *argv]
+        raise SystemExit(subprocess.call(cmd, env=env))
+    if shutil.which("Xvfb"):
+        _start_xvfb()
+        return args
+    raise SystemExit(
+        "demo: no display (DISPLAY is not set) and neither xvfb-run nor Xvfb is installed.\n"
+        "  Run it on a desktop, or install a virtual X server:\n"
+        "    apt-get install -y xvfb libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 "
+        "libxcb-keysyms1 libxcb-image0 libxcb-render-util0 libxcb-xinerama0 libegl1 libgl1 "
+        "libglx-mesa0 libgl1-mesa-dri"
+    )
+
+
+# -- the demo -------------------------------------------------------------------------------
+def open_image_layers(viewer: napari.Viewer, path: str | None) -> list[Layer]:
+    """Open ``path`` (or the packaged sample) through napari-histo-ai's own contributions."""
+    if path is None:
+        return viewer.open_sample("napari-histo-ai", "cmu1_small_region")
+    return viewer.open(path, plugin="napari-histo-ai")
+
+
+def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namespace) -> None:
+    """HOOK for model runs on the opened image (added by a later issue).
+
+    Called once the image layers are in the viewer and before the screenshot, so a model
+    run (tissue mask, nuclei, tumour map…) lands in the same demo picture. ``layers[0]``
+    holds the Pyramid under ``layer.metadata["pyramid"]``. It does nothing yet.
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = ensure_display(parse_args(argv), argv)
+
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_histo_ai._napari.layers import show_scale_bar
+    from napari_histo_ai._napari.sample import sample_path
+
+    viewer = napari.Viewer(title="napari-histo-ai demo")
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    viewer.window.resize(width, height)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-histo-ai", "Open slide / volume")
+    layers = open_image_layers(viewer, args.path)
+    widget.set_path(args.path or sample_path())
+    widget.inspect_file()  # fill the metadata table beside the canvas
+    if any(str(u) != "pixel" for layer in layers for u in layer.units):
+        show_scale_bar(viewer)
+    viewer.reset_view()
+    run_models(viewer, layers, args)
+
+    if args.screenshot is None:
+        napari.run()
+        return 0
+
+    target = args.screenshot.expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    status = {"code": 1}
+
+    def take_screenshot() -> None:
+        try:
+            for _ in range(10):  # flush pending paints (tiles, dock layout)
+                QApplication.processEvents()
+                time.sleep(0.02)
+            viewer.screenshot(path=str(target), canvas_only=False, flash=False)
+            print(f"demo: screenshot saved to {target}")
+            status["code"] = 0
+        finally:
+            viewer.close()
+            QApplication.quit()
+
+    QTimer.singleShot(int(args.delay * 1000), take_screenshot)
+    napari.run()
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
