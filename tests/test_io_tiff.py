@@ -348,3 +348,68 @@ def test_folder_that_is_not_ome_zarr(tmp_path):
 def test_unknown_backend(tmp_path, synth_dir):
     with pytest.raises(UnsupportedFormatError, match="unknown backend"):
         open_image(real("wsi/CMU-1-Small-Region.svs"), backend="magic")
+
+
+def test_damaged_samples_per_pixel_is_refused_not_allocated(tmp_path):
+    """Found by the fuzzer: an NDPI whose SamplesPerPixel reads 16705 would need 17 GB
+    chunks; it is refused at open instead of exhausting memory at the first read."""
+    bad = tmp_path / "spp.ndpi"
+    bad.write_bytes(real("wsi/test3-TRITC-2-560.ndpi").read_bytes())
+    with tifffile.TiffFile(bad, mode="r+b") as tf:
+        tf.pages.first.tags["SamplesPerPixel"].overwrite(16705)
+    with pytest.raises(CorruptFileError, match="pieces of .* GiB"):
+        open_image(bad)
+
+
+def test_zarr_path_for_a_z_stack(tmp_path):
+    """Multi-page stacks go through tifffile's zarr store; pixels match tifffile."""
+    stack = np.stack([_texture(96, 128, z)[..., 0] for z in range(4)])
+    p = tmp_path / "stack.tif"
+    tifffile.imwrite(p, stack, tile=(32, 32), compression="zlib", photometric="minisblack")
+    pyr = open_image(p)
+    assert pyr.axes == "ZYX" and pyr._read_region is None
+    np.testing.assert_array_equal(np.asarray(pyr.levels[0]), stack)
+
+
+@pytest.mark.parametrize(
+    "name", ["CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs", "test3-TRITC-2-560.ndpi"]
+)
+def test_direct_decoder_equals_tifffile_zarr_store(name):
+    """The direct tile decoder gives exactly the pixels of tifffile's own zarr store."""
+    import zarr
+
+    path = real(f"wsi/{name}")
+    pyr = open_image(path)
+    with tifffile.TiffFile(path) as tf:
+        for level in range(len(pyr.levels)):
+            ref = zarr.open_array(tf.series[0].aszarr(level=level), mode="r")
+            h, w = ref.shape[:2]
+            for top, left in [(0, 0), (h // 3, w // 2), (max(0, h - 300), max(0, w - 300))]:
+                expected = ref[top : top + 300, left : left + 300]
+                got = pyr.read_region((top, left), expected.shape[:2], level=level)
+                np.testing.assert_array_equal(got, expected)
+                np.testing.assert_array_equal(
+                    np.asarray(pyr.levels[level][top : top + 300, left : left + 300]), expected
+                )
+
+
+def test_read_region_pads_outside_the_image():
+    pyr = open_image(real("wsi/CMU-1-Small-Region.svs"))
+    h = pyr.spatial_shape(0)[0]
+    region = pyr.read_region((h - 100, -50), (200, 150), fill_value=255)
+    assert region.shape == (200, 150, 3)
+    assert (region[100:] == 255).all() and (region[:, :50] == 255).all()
+    np.testing.assert_array_equal(region[:100, 50:], np.asarray(pyr.levels[0][h - 100 :, :100]))
+    assert (pyr.read_region((-500, -500), (10, 10)) == 0).all()
+    with pytest.raises(ValueError, match="level 3 does not exist"):
+        pyr.read_region((0, 0), (10, 10), level=3)
+
+
+def test_tile_cache_is_bounded():
+    from napari_histo_ai.io.tiff import TileCache
+
+    cache = TileCache(max_bytes=4000)
+    for i in range(10):
+        cache.put((0, i), np.zeros(1000, np.uint8))
+    assert cache.bytes <= 4000
+    assert cache.get((0, 9)) is not None and cache.get((0, 0)) is None

@@ -99,7 +99,9 @@ def _check_path(p: Path) -> None:
         raise ImageReadError(p, "the file is empty (0 bytes)", "copy or download it again")
 
 
-def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
+def open_image(
+    path: str | Path, *, backend: str = "auto", tile_cache_bytes: int | None = None
+) -> Pyramid:
     """Open an image lazily as a :class:`Pyramid`.
 
     Parameters
@@ -108,6 +110,9 @@ def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
         A slide, volume, image file or OME-Zarr folder.
     backend : str, keyword-only
         ``"auto"`` (sniff the content) or one of :data:`BACKENDS`.
+    tile_cache_bytes : int, keyword-only, optional
+        Size of the decoded-tile cache for backends that keep one (tifffile: default
+        64 MiB; 0 turns it off, e.g. to measure decoding).
 
     Returns
     -------
@@ -143,7 +148,12 @@ def open_image(path: str | Path, *, backend: str = "auto") -> Pyramid:
             p, f"unknown backend {backend!r}", f"use one of: auto, {', '.join(BACKENDS)}"
         )
     try:
-        pyramid: Pyramid = _adapter(chosen).open_pyramid(p)
+        options = (
+            {}
+            if tile_cache_bytes is None or chosen != "tifffile"
+            else {"tile_cache_bytes": tile_cache_bytes}
+        )
+        pyramid: Pyramid = _adapter(chosen).open_pyramid(p, **options)
         try:
             pyramid.validate()
         except HistoAIError:

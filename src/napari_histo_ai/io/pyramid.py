@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 Kind = Literal["slide", "volume", "image"]
 
+#: the largest piece any level may be read in (a damaged header can claim far more)
+MAX_CHUNK_BYTES = 2**30
+
 
 @dataclass
 class Pyramid:
@@ -74,6 +77,10 @@ class Pyramid:
     metadata: dict[str, Any] = field(default_factory=dict)
     mpp_source: str = "file"
     _close: Callable[[], None] | None = field(default=None, repr=False)
+    #: backend fast path: (level, top, left, height, width) -> pixels inside the level
+    _read_region: Callable[[int, int, int, int, int], np.ndarray] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.mpp is None and self.mpp_source == "file":
@@ -83,7 +90,8 @@ class Pyramid:
         """Check the structure every consumer relies on; raise ``CorruptFileError`` if broken.
 
         Every level non-empty, with the same axes and dtype, and smaller than the one
-        before; level 0 below a terapixel (a larger size means a damaged header).
+        before; no chunk over 1 GiB; level 0 below a terapixel (larger means a damaged
+        header).
         """
         from ..errors import CorruptFileError
 
@@ -105,6 +113,16 @@ class Pyramid:
                     self.path, f"level {i} {spatial} is not smaller than level {i - 1} {previous}"
                 )
             previous = spatial
+        for i, lv in enumerate(self.levels):
+            chunk_bytes = math.prod(max(c) for c in lv.chunks) * lv.dtype.itemsize
+            if chunk_bytes > MAX_CHUNK_BYTES:
+                raise CorruptFileError(
+                    self.path,
+                    f"level {i} would be read in pieces of {chunk_bytes / 2**30:.1f} GiB "
+                    f"(shape {lv.shape}, chunks {lv.chunksize})",
+                    "the header is probably damaged; if not, convert the file to a tiled "
+                    "TIFF or OME-Zarr",
+                )
         if math.prod(self.spatial_shape(0)) > 10**12:
             raise CorruptFileError(
                 self.path,
@@ -170,6 +188,73 @@ class Pyramid:
             if max(lm) <= mpp * 1.01:
                 best = i
         return best
+
+    def read_region(
+        self,
+        top_left: tuple[int, int],
+        size: tuple[int, int],
+        *,
+        level: int = 0,
+        fill_value: float = 0,
+    ) -> np.ndarray:
+        """Read a rectangle of a 2D level into memory, padding outside the image.
+
+        The fast way to get pixels for tiling and inference: backends with a direct
+        tile decoder (tifffile) bypass dask; others slice the dask level.
+
+        Parameters
+        ----------
+        top_left : (int, int)
+            (row, column) of the first pixel, in pixels of ``level``; may be negative.
+        size : (int, int)
+            (height, width) in pixels of ``level``.
+        level : int, keyword-only
+            Pyramid level (0 = full resolution).
+        fill_value : float, keyword-only
+            Value of pixels outside the image (255 gives white background for H&E).
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (height, width) or (height, width, channels) for axes ``YX``/``YXS``;
+            other 2D axis orders keep the level's order.
+        """
+        import numpy as np
+
+        if set(self.axes) - set("YXS"):
+            raise ValueError(
+                f"read_region reads 2D images; {self.path} has axes {self.axes!r}: "
+                "slice pyramid.levels instead"
+            )
+        if not 0 <= level < len(self.levels):
+            raise ValueError(f"level {level} does not exist: {len(self.levels)} levels")
+        height, width = int(size[0]), int(size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError(f"region size must be positive, got {size}")
+        top, left = int(top_left[0]), int(top_left[1])
+        lv = self.levels[level]
+        ly, lx = self.axes.index("Y"), self.axes.index("X")
+        shape = list(lv.shape)
+        shape[ly], shape[lx] = height, width
+        out = np.full(shape, fill_value, dtype=lv.dtype)
+        y0, y1 = max(0, top), min(int(lv.shape[ly]), top + height)
+        x0, x1 = max(0, left), min(int(lv.shape[lx]), left + width)
+        if y1 <= y0 or x1 <= x0:
+            return out
+        inside: np.ndarray | None = None
+        if self._read_region is not None and self.axes in ("YX", "YXS"):
+            try:
+                inside = self._read_region(level, y0, x0, y1 - y0, x1 - x0)
+            except NotImplementedError:
+                inside = None
+        if inside is None:
+            key = [slice(None)] * lv.ndim
+            key[ly], key[lx] = slice(y0, y1), slice(x0, x1)
+            inside = np.asarray(lv[tuple(key)])
+        key = [slice(None)] * lv.ndim
+        key[ly], key[lx] = slice(y0 - top, y1 - top), slice(x0 - left, x1 - left)
+        out[tuple(key)] = inside
+        return out
 
     # -- physical scale for napari ------------------------------------------------------
     @property
