@@ -107,6 +107,7 @@ def test_bad_arguments(kwargs):
         bench.run_read_benchmark([], **kwargs)
 
 
-def test_generate_needs_a_source(tmp_path):
-    with pytest.raises(ValueError, match="source slide"):
-        bench.run_read_benchmark([], generate=tmp_path / "g.tif")
+def test_generate_defaults_to_the_packaged_sample(tmp_path):
+    src = bench._default_source([tmp_path / "other.svs"])
+    assert src.name == "CMU-1-Small-Region.svs" and src.is_file()
+    assert bench._default_source([tmp_path / "CMU-1.svs"]) == tmp_path / "CMU-1.svs"

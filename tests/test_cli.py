@@ -74,3 +74,28 @@ def test_console_script_runs():
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "/nonexistent.svs" in proc.stderr
+
+
+def test_make_slide_and_bench_read_from_the_cli(tmp_path, capsys):
+    """The two large-data commands run end to end on a small size."""
+    out = tmp_path / "made.tif"
+    src = real("wsi/CMU-1-Small-Region.svs")
+    args = ["make-slide", str(out), "--width", "1500", "--height", "1200", "--source", str(src)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["levels"][0] == [1200, 1500, 3] and info["mpp"] == [0.499, 0.499]
+    assert main(["bench", "read", str(out), "--reads", "3", "--region", "256"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (entry,) = result["files"]
+    assert entry["mp_per_s"] > 0 and entry["raw_decode_mp_per_s"] > 0
+    assert entry["openslide_mp_per_s"] > 0
+
+
+def test_make_slide_bad_source(tmp_path, capsys):
+    bad = tmp_path / "src.svs"
+    bad.write_bytes(b"not a slide")
+    assert main(["make-slide", str(tmp_path / "o.tif"), "--source", str(bad)]) == 2
+    assert "src.svs" in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()

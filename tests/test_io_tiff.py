@@ -357,7 +357,7 @@ def test_damaged_samples_per_pixel_is_refused_not_allocated(tmp_path):
     bad.write_bytes(real("wsi/test3-TRITC-2-560.ndpi").read_bytes())
     with tifffile.TiffFile(bad, mode="r+b") as tf:
         tf.pages.first.tags["SamplesPerPixel"].overwrite(16705)
-    with pytest.raises(CorruptFileError, match="pieces of .* GiB"):
+    with pytest.raises(CorruptFileError, match=r"pieces of .* GiB"):
         open_image(bad)
 
 

@@ -57,6 +57,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             region=args.region,
             seed=args.seed,
             generate=args.generate,
+            source=args.source,
         )
         print(json.dumps(result, indent=2))
         return 0
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.tif",
         default=None,
         help="also generate (if absent) and benchmark a 100k x 80k slide here",
+    )
+    p.add_argument(
+        "--source",
+        metavar="PATH",
+        default=None,
+        help="real slide to tile --generate from (default: the bundled sample slide)",
     )
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -138,15 +138,13 @@ def run_read_benchmark(
 
 
 def _default_source(files: list[Path]) -> Path:
+    """A CMU-1 slide among ``files``, else the packaged sample slide (real H&E pixels)."""
+    from importlib.resources import files as package_files
+
     for f in files:
         if f.name.startswith("CMU-1"):
             return f
-    if files:
-        return files[0]
-    raise ValueError(
-        "generate needs a source slide to tile from: pass a slide path (e.g. "
-        "CMU-1-Small-Region.svs) or source="
-    )
+    return Path(str(package_files("napari_histo_ai").joinpath("data", "CMU-1-Small-Region.svs")))
 
 
 def _measure_in_subprocess(path: Path, *, n_reads: int, region: int, seed: int) -> dict[str, Any]:
