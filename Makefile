@@ -11,7 +11,7 @@ APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-re
 	libxkbcommon0 libegl1 libgl1 libglx-mesa0 libgl1-mesa-dri libdbus-1-3 libfontconfig1 \
 	libglib2.0-0
 
-.PHONY: demo test lint unit fuzz bench apt install clean
+.PHONY: demo screenshot test lint unit fuzz bench apt install clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -49,8 +49,13 @@ fuzz: install
 bench: install
 	$(BIN)/python benchmarks/bench_read.py --generate .bench/slide-100k.tif
 
+# interactive window where a display exists; headless: runs under Xvfb, saves .demo/demo.png
 demo: install
-	$(BIN)/python scripts/demo.py --screenshot .demo/demo.png
+	$(BIN)/python scripts/demo.py
+
+# refresh the README screenshot from the real app
+screenshot: install
+	$(BIN)/python scripts/demo.py --screenshot docs/images/demo.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo .bench
