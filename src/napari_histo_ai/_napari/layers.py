@@ -125,20 +125,8 @@ def _is_rgb(pyramid: Pyramid) -> bool:
 
 
 def _metadata(pyramid: Pyramid) -> dict[str, Any]:
-    return {
-        "path": str(pyramid.path),
-        "backend": pyramid.backend,
-        "format": pyramid.format,
-        "kind": pyramid.kind,
-        "axes": pyramid.axes,
-        "mpp": list(pyramid.mpp) if pyramid.mpp is not None else None,
-        "mpp_source": pyramid.mpp_source,
-        "objective_power": pyramid.objective_power,
-        "vendor": pyramid.vendor,
-        "spacing_mm": list(pyramid.spacing_mm) if pyramid.spacing_mm is not None else None,
-        "orientation": pyramid.orientation,
-        PYRAMID_KEY: pyramid,
-    }
+    """The pyramid's JSON summary (path, backend, mpp, ...) plus the Pyramid itself."""
+    return {**pyramid.info(), PYRAMID_KEY: pyramid}
 
 
 def pyramid_to_layer_data(pyramid: Pyramid, *, name: str | None = None) -> list[LayerDataTuple]:

@@ -581,54 +581,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m napari_histo_ai.bench.read`` (and benchmarks/bench_read.py)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m napari_histo_ai.bench.read",
-        description="Benchmark opening and random region reads; prints JSON.",
-    )
-    parser.add_argument("paths", nargs="*", metavar="PATH")
-    parser.add_argument("--reads", type=int, default=200, help="random regions per file")
-    parser.add_argument("--region", type=int, default=512, help="region edge in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--generate",
-        metavar="OUT.tif",
-        default=None,
-        help="also generate (if absent) and benchmark a 100k x 80k slide here",
-    )
-    parser.add_argument(
-        "--source",
-        metavar="PATH",
-        default=None,
-        help="source slide for --generate (default: a CMU-1* path given)",
-    )
-    parser.add_argument(
-        "--one",
-        metavar="PATH",
-        default=None,
-        help="measure only this file in this process (used internally)",
-    )
-    return parser
-
-
+# ------------------------------------------------------------- the per-file subprocess
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; prints the JSON result."""
-    args = build_parser().parse_args(argv)
-    if args.one is not None:
-        result = measure_file(args.one, n_reads=args.reads, region=args.region, seed=args.seed)
-        print(json.dumps(result))
-        return 0
-    result = run_read_benchmark(
-        args.paths,
-        n_reads=args.reads,
-        region=args.region,
-        seed=args.seed,
-        generate=args.generate,
-        source=args.source,
-    )
-    print(json.dumps(result, indent=2))
+    """``python -m napari_histo_ai.bench.read --one PATH``: measure one file, print JSON.
+
+    Internal: :func:`run_read_benchmark` runs it so each file starts in a fresh process.
+    Users run ``napari-histo-ai bench read`` or ``benchmarks/bench_read.py``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m napari_histo_ai.bench.read")
+    parser.add_argument("--one", metavar="PATH", required=True)
+    parser.add_argument("--reads", type=int, default=200)
+    parser.add_argument("--region", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = measure_file(args.one, n_reads=args.reads, region=args.region, seed=args.seed)
+    print(json.dumps(result))
     return 0
 
 
