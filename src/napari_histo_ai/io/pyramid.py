@@ -77,8 +77,9 @@ class Pyramid:
     metadata: dict[str, Any] = field(default_factory=dict)
     mpp_source: str = "file"
     _close: Callable[[], None] | None = field(default=None, repr=False)
-    #: backend fast path: (level, top, left, height, width) -> pixels inside the level
-    _read_region: Callable[[int, int, int, int, int], np.ndarray] | None = field(
+    #: backend fast path: (level, top, left, height, width) -> pixels inside the level,
+    #: or None where that level has no direct reader
+    _read_region: Callable[[int, int, int, int, int], np.ndarray | None] | None = field(
         default=None, repr=False
     )
 
@@ -243,11 +244,8 @@ class Pyramid:
             return out
         inside: np.ndarray | None = None
         if self._read_region is not None and self.axes in ("YX", "YXS"):
-            try:
-                inside = self._read_region(level, y0, x0, y1 - y0, x1 - x0)
-            except NotImplementedError:
-                inside = None
-        if inside is None:
+            inside = self._read_region(level, y0, x0, y1 - y0, x1 - x0)
+        if inside is None:  # no direct reader for this level: slice the dask level
             key = [slice(None)] * lv.ndim
             key[ly], key[lx] = slice(y0, y1), slice(x0, x1)
             inside = np.asarray(lv[tuple(key)])

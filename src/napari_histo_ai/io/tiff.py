@@ -134,11 +134,9 @@ def _open(
         files.close()
         tf.close()
 
-    def read_region(level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
-        rd = kept_readers[level]
-        if rd is None:
-            raise NotImplementedError  # Pyramid falls back to the dask level
-        return rd.region(top, left, height, width)
+    def read_region(level: int, top: int, left: int, height: int, width: int) -> np.ndarray | None:
+        rd = kept_readers[level]  # None: a zarr-backed level, Pyramid slices dask instead
+        return None if rd is None else rd.region(top, left, height, width)
 
     meta = _metadata(tf, path)
     tiled = bool(series.keyframe.is_tiled) or len(kept) > 1
