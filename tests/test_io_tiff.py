@@ -345,7 +345,7 @@ def test_folder_that_is_not_ome_zarr(tmp_path):
         open_image(tmp_path)
 
 
-def test_unknown_backend(tmp_path, synth_dir):
+def test_unknown_backend():
     with pytest.raises(UnsupportedFormatError, match="unknown backend"):
         open_image(real("wsi/CMU-1-Small-Region.svs"), backend="magic")
 
@@ -413,3 +413,22 @@ def test_tile_cache_is_bounded():
         cache.put((0, i), np.zeros(1000, np.uint8))
     assert cache.bytes <= 4000
     assert cache.get((0, 9)) is not None and cache.get((0, 0)) is None
+
+
+def test_file_descriptor_closes_with_the_last_reader(tmp_path):
+    """Layers never call close(): no descriptor on the file survives its last reader."""
+    import gc
+
+    def open_on(path: Path) -> int:
+        links = [fd.resolve() for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()]
+        return sum(link == path.resolve() for link in links)
+
+    p = tmp_path / "fd.tif"
+    tifffile.imwrite(p, _texture(256, 256), tile=(128, 128), photometric="rgb")
+    pyr = open_image(p)
+    np.asarray(pyr.levels[0][:10, :10])
+    assert open_on(p) >= 1
+    pyr._close = None  # as if nobody ever calls close()
+    del pyr
+    gc.collect()
+    assert open_on(p) == 0
