@@ -57,3 +57,41 @@ class MissingDependencyError(HistoAIError):
 
 class MetadataError(HistoAIError):
     """Metadata is missing or out of range (for example a negative mpp)."""
+
+
+class ModelSpecError(HistoAIError):
+    """A model description (registry entry, card, weights file) is invalid.
+
+    Parameters
+    ----------
+    source : str
+        Where the entry came from (a YAML file, an entry point, a weights file).
+    model : str
+        The model's name, or ``"?"`` when the entry has none.
+    problem : str
+        What is wrong, naming the field and the value.
+    hint : str, optional
+        What the user can do.
+    """
+
+    def __init__(self, source: str, model: str, problem: str, hint: str = "") -> None:
+        self.source = str(source)
+        self.model = model
+        self.problem = problem
+        self.hint = hint
+        message = f"{self.source}: model '{model}': {problem}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class ModelNotFoundError(HistoAIError):
+    """No registered model has the requested name."""
+
+
+class ModelInputError(HistoAIError):
+    """An image does not fit what a model expects (channels, size, resolution)."""
+
+
+class RunStateError(HistoAIError):
+    """An output folder holds a run that cannot be resumed with these settings."""
