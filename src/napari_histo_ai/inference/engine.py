@@ -1,0 +1,1118 @@
+"""The tiled inference engine: a generator that yields progress and returns a `RunResult`.
+
+``run_model(pyramid, predictor, out)`` runs a loaded model over a lazy image of any size:
+
+1. picks the pyramid level nearest the model's µm/px and resamples the rest;
+2. computes a foreground mask at low resolution and skips background tiles;
+3. reads, decodes, resamples and normalises the next batches in background threads
+   while the model runs (``torch.inference_mode``; bf16 autocast on CUDA);
+4. blends overlapping tiles with tapered weights that sum to one (`tiling`), writing
+   each output cell once, when every tile touching it is done, into an OME-Zarr
+   pyramid on disk (`store`), so memory stays bounded whatever the slide size;
+5. finds objects (points, boxes) in finished cells as the run goes;
+6. stops cleanly at the next batch when ``cancel`` is set, leaving a consistent
+   partial result that a later call resumes.
+
+The widget drives the same generator in a napari thread worker; tests and the CLI use
+`run_model_sync`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from ..errors import ModelInputError, RunStateError
+from ..models.spec import ModelSpec, OutputSpec
+from .objects import Objects, aggregate, find_peaks
+from .store import (
+    RECORD_KEY,
+    DenseOutput,
+    TileOutput,
+    load_progress,
+    save_progress,
+    write_json_atomic,
+)
+from .tiling import DenseGrid, PatchGrid
+from .tissue import TissueMask, tissue_mask
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..io.pyramid import Pyramid
+    from ..models.loading import Predictor
+
+ENGINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options of one run (everything the model spec does not fix).
+
+    Parameters
+    ----------
+    batch_size : int or None
+        Tiles per forward pass; ``None`` picks one from the device's free memory.
+    tissue : bool
+        Skip tiles with no foreground in a low-resolution mask (2D images only).
+    tissue_threshold : float or None
+        Override the mask threshold (optical density for RGB, intensity otherwise).
+    roi : (top, left, height, width) or None
+        Only tiles meeting this box, level-0 pixels.
+    polygon : sequence of (row, col) or None
+        Only tiles meeting this polygon, level-0 pixels (a drawn shape).
+    priority : (top, left, height, width) or None
+        Tiles meeting this box (the viewport) run first, then the rest nearest first.
+    threshold : float or None
+        Override the outputs' probability thresholds (mask, points, boxes).
+    mpp : float or None
+        Use this µm/px for the image instead of its metadata.
+    fill_value : float or None
+        Value outside the image; default white (255) for 8-bit RGB, else 0.
+    workers : int
+        Background threads that read and prepare batches.
+    prefetch : int
+        Batches prepared ahead of the model.
+    resume : bool
+        Continue a previous run in the same folder (else start again).
+    memory_mb : float
+        Memory for tiles waiting for their neighbours; beyond it they go to disk.
+    """
+
+    batch_size: int | None = None
+    tissue: bool = True
+    tissue_threshold: float | None = None
+    roi: tuple[float, float, float, float] | None = None
+    polygon: tuple[tuple[float, float], ...] | None = None
+    priority: tuple[float, float, float, float] | None = None
+    threshold: float | None = None
+    mpp: float | None = None
+    fill_value: float | None = None
+    workers: int = 2
+    prefetch: int = 2
+    resume: bool = True
+    memory_mb: float = 32.0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an output lies over the source image.
+
+    ``scale``/``translate`` are per (row, column) in the source layer's world units
+    (µm when the image has an mpp, else pixels), for level 0 of the output.
+    ``pixel`` is the output pixel size in level-0 pixels.
+    """
+
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    pixel: tuple[float, float]
+    unit: str
+
+
+@dataclass
+class Progress:
+    """One progress record, yielded after every batch."""
+
+    done: int
+    total: int
+    elapsed_s: float
+    tiles_per_s: float
+    eta_s: float | None
+    message: str = ""
+    new_objects: dict[str, Objects] = field(default_factory=dict)
+    changed: bool = True
+    #: set on the first record only: the run folder and where each output lies
+    path: Path | None = None
+    geometry: dict[str, Geometry] | None = None
+    planes: tuple[int, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass
+class RunResult:
+    """What a run produced (returned by the generator, also saved as ``summary.json``)."""
+
+    path: Path
+    spec: ModelSpec
+    complete: bool
+    cancelled: bool
+    tiles_total: int
+    tiles_done: int
+    tiles_skipped: int
+    geometry: dict[str, Geometry]
+    objects: dict[str, Objects]
+    aggregates: dict[str, dict[str, Any]]
+    summary: dict[str, Any]
+    planes: tuple[int, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------
+# image access
+
+
+def _plane_axes(axes: str) -> str:
+    return "".join(a for a in axes if a not in "YXS")
+
+
+def _read_plane_region(
+    pyramid: Pyramid,
+    level: int,
+    plane: tuple[int, ...],
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    fill: float,
+) -> np.ndarray:
+    """(height, width, channels) pixels of one plane, padded with ``fill`` outside."""
+    if not plane and pyramid.axes in ("YX", "YXS"):
+        out = pyramid.read_region((top, left), (height, width), level=level, fill_value=fill)
+        return out[..., None] if out.ndim == 2 else out
+    lv = pyramid.levels[level]
+    axes = pyramid.axes
+    ly, lx = axes.index("Y"), axes.index("X")
+    h_img, w_img = int(lv.shape[ly]), int(lv.shape[lx])
+    channels = int(lv.shape[axes.index("S")]) if "S" in axes else 1
+    out = np.full((height, width, channels), fill, dtype=lv.dtype)
+    y0, y1 = max(0, top), min(h_img, top + height)
+    x0, x1 = max(0, left), min(w_img, left + width)
+    if y1 <= y0 or x1 <= x0:
+        return out
+    key: list[Any] = []
+    plane_iter = iter(plane)
+    for a in axes:
+        if a == "Y":
+            key.append(slice(y0, y1))
+        elif a == "X":
+            key.append(slice(x0, x1))
+        elif a == "S":
+            key.append(slice(None))
+        else:
+            key.append(next(plane_iter))
+    part = np.asarray(lv[tuple(key)])
+    rest = "".join(a for a in axes if a in "YXS")
+    if "S" not in rest:
+        part = part[..., None]
+        rest += "S"
+    part = np.moveaxis(part, [rest.index("Y"), rest.index("X"), rest.index("S")], [0, 1, 2])
+    out[y0 - top : y1 - top, x0 - left : x1 - left] = part
+    return out
+
+
+def _resize(tile: np.ndarray, size: int) -> np.ndarray:
+    """Resample an (h, w, c) tile to (size, size, c) with antialiasing."""
+    if tile.shape[0] == size and tile.shape[1] == size:
+        return tile
+    if tile.dtype == np.uint8 and tile.shape[2] in (1, 3, 4):
+        from PIL import Image
+
+        img = Image.fromarray(tile[..., 0] if tile.shape[2] == 1 else tile)
+        out = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0))
+        return out[..., None] if out.ndim == 2 else out
+    from skimage.transform import resize
+
+    res = resize(
+        tile, (size, size, tile.shape[2]), order=1, anti_aliasing=True, preserve_range=True
+    )
+    return res.astype(tile.dtype)
+
+
+def _fit_channels(tile: np.ndarray, channels: int, name: str, path: str) -> np.ndarray:
+    c = tile.shape[2]
+    if c == channels:
+        return tile
+    if c == 4 and channels == 3:
+        return tile[..., :3]
+    if c in (3, 4) and channels == 1:
+        rgb = tile[..., :3].astype(np.float32)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return grey[..., None].astype(tile.dtype)
+    raise ModelInputError(
+        f"model '{name}' expects {channels}-channel input but {path} has {c} channel(s); "
+        "pick a model made for this kind of image"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# geometry of a run
+
+
+@dataclass(frozen=True)
+class _Plan:
+    level: int
+    factor: tuple[float, float]  # level pixels per model pixel (row, col)
+    level_downsample: tuple[float, float]  # level-0 pixels per level pixel
+    model_extent: tuple[float, float]  # image size in model pixels
+    image_mpp: tuple[float, float] | None
+    unit: str
+    unit_size: tuple[float, float]  # world units per level-0 pixel (layer scale)
+
+
+def _plan(pyramid: Pyramid, spec: ModelSpec, config: RunConfig) -> _Plan:
+    image_mpp: tuple[float, float] | None = pyramid.mpp
+    if config.mpp is not None:
+        if not config.mpp > 0:
+            raise ModelInputError(f"mpp must be positive, got {config.mpp}")
+        image_mpp = (float(config.mpp), float(config.mpp))
+    downsamples = pyramid.downsamples
+    shapes = [pyramid.spatial_shape(i)[-2:] for i in range(len(pyramid.levels))]
+    h0, w0 = shapes[0]
+    if spec.io.mpp is None or image_mpp is None:
+        if spec.io.mpp is not None:
+            raise ModelInputError(
+                f"model '{spec.name}' works at {spec.io.mpp} µm/px but {pyramid.path} has no "
+                "pixel size in its metadata; set the µm/px in the 'Open slide / volume' "
+                "widget or pass --mpp to the CLI"
+            )
+        level, factor = 0, (1.0, 1.0)
+    else:
+        target = float(spec.io.mpp)
+        level = 0
+        for i, ds in enumerate(downsamples):
+            if max(image_mpp) * ds <= target * 1.01:
+                level = i
+        level_mpp = (image_mpp[0] * downsamples[level], image_mpp[1] * downsamples[level])
+        factor = (target / level_mpp[0], target / level_mpp[1])
+        if abs(factor[0] - 1) < 0.01 and abs(factor[1] - 1) < 0.01:
+            factor = (1.0, 1.0)
+    hl, wl = shapes[level]
+    level_ds = (h0 / hl, w0 / wl)
+    if image_mpp is not None and pyramid.units == "um":
+        unit, unit_size = "um", image_mpp
+    else:
+        scale = pyramid.layer_scale()[-2:] if pyramid.layer_scale() else (1.0, 1.0)
+        unit = pyramid.units
+        unit_size = (float(scale[0]), float(scale[1]))
+        if image_mpp is not None and config.mpp is not None:
+            unit, unit_size = "um", image_mpp
+    return _Plan(
+        level=level,
+        factor=factor,
+        level_downsample=level_ds,
+        model_extent=(hl / factor[0], wl / factor[1]),
+        image_mpp=image_mpp,
+        unit=unit,
+        unit_size=unit_size,
+    )
+
+
+def _geometry(
+    plan: _Plan, model_px: tuple[float, float], centre_offset: tuple[float, float]
+) -> Geometry:
+    """World placement of an output whose pixel is ``model_px`` model pixels.
+
+    ``centre_offset`` is where output pixel 0's centre lies, model pixels.
+    """
+    pixel = tuple(
+        model_px[a] * plan.factor[a] * plan.level_downsample[a] for a in range(2)
+    )  # level-0 px per output px
+    centre0 = tuple(centre_offset[a] * plan.factor[a] * plan.level_downsample[a] for a in range(2))
+    scale = (pixel[0] * plan.unit_size[0], pixel[1] * plan.unit_size[1])
+    # napari puts level-0 pixel i's centre at i * unit; continuous coordinate c is at
+    # (c - 0.5) * unit
+    translate = (
+        (centre0[0] - 0.5) * plan.unit_size[0],
+        (centre0[1] - 0.5) * plan.unit_size[1],
+    )
+    return Geometry(scale, translate, (float(pixel[0]), float(pixel[1])), plan.unit)
+
+
+# ----------------------------------------------------------------------------------------
+# selection of tiles
+
+
+def _polygon_mask(
+    polygon: Sequence[tuple[float, float]], shape0: tuple[int, int], side: int = 2048
+) -> TissueMask:
+    from skimage.draw import polygon as draw_polygon
+
+    h0, w0 = shape0
+    ds = max(1.0, max(h0, w0) / side)
+    rows = max(1, math.ceil(h0 / ds))
+    cols = max(1, math.ceil(w0 / ds))
+    mask = np.zeros((rows, cols), dtype=bool)
+    pts = np.asarray(polygon, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3:
+        raise ModelInputError(
+            f"a region shape needs at least 3 (row, column) vertices, got {pts.shape}"
+        )
+    rr, cc = draw_polygon(pts[:, 0] / ds, pts[:, 1] / ds, shape=mask.shape)
+    mask[rr, cc] = True
+    # a thin polygon may cover no pixel centre: mark its vertices
+    vr = np.clip((pts[:, 0] / ds).astype(int), 0, rows - 1)
+    vc = np.clip((pts[:, 1] / ds).astype(int), 0, cols - 1)
+    mask[vr, vc] = True
+    return TissueMask(mask, (h0 / rows, w0 / cols), "polygon")
+
+
+def _order(
+    tiles: list[tuple[int, int]],
+    boxes0: dict[tuple[int, int], tuple[float, float, float, float]],
+    priority: tuple[float, float, float, float] | None,
+) -> list[tuple[int, int]]:
+    """Row-major order (cells finish early); with a priority box, its tiles first."""
+    if priority is None:
+        return sorted(tiles)
+    top, left, height, width = priority
+    bottom, right = top + height, left + width
+    cy, cx = top + height / 2, left + width / 2
+    first, rest = [], []
+    for t in tiles:
+        b = boxes0[t]
+        if b[0] < bottom and b[2] > top and b[1] < right and b[3] > left:
+            first.append(t)
+        else:
+            rest.append(t)
+
+    def dist(t: tuple[int, int]) -> float:
+        b = boxes0[t]
+        return max(abs((b[0] + b[2]) / 2 - cy), abs((b[1] + b[3]) / 2 - cx))
+
+    # rings of growing distance, row-major inside a ring, so cells still finish quickly
+    ring = max(1.0, max(height, width) / 2)
+    rest.sort(key=lambda t: (int(dist(t) // ring), t))
+    return sorted(first) + rest
+
+
+# ----------------------------------------------------------------------------------------
+# accumulation of dense tiles
+
+
+class _Pending:
+    """Weighted sums of cells still waiting for tiles, bounded in memory (spill to disk)."""
+
+    def __init__(self, n_channels: int, cell: int, budget_bytes: float, spill_dir: Path) -> None:
+        self.k = n_channels
+        self.cell = cell
+        self.budget = max(1, int(budget_bytes // ((n_channels + 1) * cell * cell * 4)))
+        self.mem: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.spilled: set[tuple[int, ...]] = set()
+        self.spill_dir = spill_dir
+        self.n_spills = 0
+
+    def _path(self, key: tuple[int, ...]) -> Path:
+        return self.spill_dir / ("_".join(str(k) for k in key) + ".npz")
+
+    def get(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if key in self.mem:
+            self.mem.move_to_end(key)
+            return self.mem[key]
+        if key in self.spilled:
+            path = self._path(key)
+            with np.load(path) as data:
+                entry = (data["acc"].copy(), data["weight"].copy())
+            path.unlink()
+            self.spilled.discard(key)
+        else:
+            c = self.cell
+            entry = (
+                np.zeros((self.k, c, c), dtype=np.float32),
+                np.zeros((c, c), dtype=np.float32),
+            )
+        self.mem[key] = entry
+        while len(self.mem) > self.budget:
+            old, (acc, weight) = self.mem.popitem(last=False)
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(self._path(old), acc=acc, weight=weight)
+            self.spilled.add(old)
+            self.n_spills += 1
+        return entry
+
+    def pop(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        entry = self.get(key)
+        del self.mem[key]
+        return entry
+
+    def clear(self) -> None:
+        self.mem.clear()
+        self.spilled.clear()
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
+# the run
+
+
+def _auto_batch_size(spec: ModelSpec, device: torch.device) -> int:
+    p = spec.io.patch_size
+    per_tile = p * p * spec.io.channels * 4
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        # activations of small CNNs: ~100x the input; keep half the card free
+        return int(max(1, min(256, free * 0.5 // (per_tile * 100))))
+    # CPU: a few hundred MB of activations at most
+    return int(max(1, min(32, 256e6 // (per_tile * 40))))
+
+
+def _apply_activation(out: torch.Tensor, spec: ModelSpec, prob_channels: list[int]) -> torch.Tensor:
+    import torch
+
+    if spec.activation == "none" or not prob_channels:
+        return out
+    idx = torch.as_tensor(prob_channels, device=out.device)
+    sel = out.index_select(1, idx)
+    sel = torch.sigmoid(sel) if spec.activation == "sigmoid" else torch.softmax(sel, dim=1)
+    out = out.clone()
+    out[:, idx] = sel
+    return out
+
+
+def run_model(
+    pyramid: Pyramid,
+    predictor: Predictor,
+    out: str | Path,
+    *,
+    config: RunConfig | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[Progress, None, RunResult]:
+    """Run a model over an image, tile by tile; yields `Progress`, returns `RunResult`.
+
+    Parameters
+    ----------
+    pyramid : Pyramid
+        The image (2D ``YX``/``YXS``, or a stack whose other axes are run plane by plane).
+    predictor : Predictor
+        A loaded model (`napari_histo_ai.models.loading.load_model`).
+    out : str or Path
+        The run folder (``*.zarr``); an existing run with the same model and image
+        resumes.
+    config : RunConfig, keyword-only
+    cancel : threading.Event, keyword-only
+        Set it to stop after the current batch.
+
+    Raises
+    ------
+    ModelInputError
+        The image does not fit the model (channels, missing mpp, region).
+    RunStateError
+        ``out`` holds something else than a run of this model on this image.
+    """
+    import zarr
+
+    config = config or RunConfig()
+    spec = predictor.spec
+    out = Path(out)
+    t_start = time.perf_counter()
+    predictor.check()
+
+    plan = _plan(pyramid, spec, config)
+    plane_axes = _plane_axes(pyramid.axes)
+    lv0_shape = pyramid.levels[0].shape
+    plane_shape = tuple(int(lv0_shape[pyramid.axes.index(a)]) for a in plane_axes)
+    planes = list(np.ndindex(*plane_shape)) if plane_shape else [()]
+    channels = int(lv0_shape[pyramid.axes.index("S")]) if "S" in pyramid.axes else 1
+    if not (
+        channels == spec.io.channels
+        or (channels == 4 and spec.io.channels == 3)
+        or (channels in (3, 4) and spec.io.channels == 1)
+    ):
+        _fit_channels(
+            np.zeros((1, 1, channels), np.uint8), spec.io.channels, spec.name, str(pyramid.path)
+        )
+    fill = config.fill_value
+    if fill is None:
+        fill = 255.0 if (pyramid.dtype == np.uint8 and channels >= 3) else 0.0
+    h0, w0 = pyramid.spatial_shape(0)[-2:]
+
+    io = spec.io
+    prob_channels: list[int] = []
+    size_channels: list[int] = []
+    for o in spec.outputs:
+        if o.kind in ("probability", "mask", "points", "boxes"):
+            prob_channels += [c for c in o.channels if c not in prob_channels]
+        if o.kind == "boxes" and o.size_channels:
+            size_channels += [c for c in o.size_channels if c not in size_channels]
+    prob_index = {c: i for i, c in enumerate(prob_channels)}
+    size_index = {c: i for i, c in enumerate(size_channels)}
+
+    grid: DenseGrid | PatchGrid
+    if spec.dense:
+        grid = DenseGrid(
+            plan.model_extent[0],
+            plan.model_extent[1],
+            io.patch_size,
+            io.halo,
+            io.overlap,
+            io.output_stride,
+        )
+        r = io.output_stride
+        geo = _geometry(plan, (r, r), (r / 2, r / 2))
+    else:
+        grid = PatchGrid(plan.model_extent[0], plan.model_extent[1], io.patch_size, io.overlap)
+        s = grid.stride
+        geo = _geometry(plan, (s, s), (io.patch_size / 2, io.patch_size / 2))
+    n_rows, n_cols = grid.n_tiles
+    to0 = (plan.factor[0] * plan.level_downsample[0], plan.factor[1] * plan.level_downsample[1])
+
+    # ---- which tiles --------------------------------------------------------------------
+    masks: list[TissueMask] = []
+    tissue_method = "off"
+    if config.tissue and not plane_shape:
+        tm = tissue_mask(pyramid, threshold=config.tissue_threshold)
+        masks.append(tm)
+        tissue_method = tm.method
+    if config.polygon is not None:
+        masks.append(_polygon_mask(config.polygon, (h0, w0)))
+    roi = None
+    if config.roi is not None:
+        top, left, height, width = (float(v) for v in config.roi)
+        if height <= 0 or width <= 0:
+            raise ModelInputError(f"region {config.roi} must have a positive height and width")
+        roi = (max(0.0, top), max(0.0, left), min(h0, top + height), min(w0, left + width))
+        if roi[2] <= roi[0] or roi[3] <= roi[1]:
+            raise ModelInputError(
+                f"region (top, left, height, width) = {config.roi} lies outside the image "
+                f"({h0} x {w0} pixels)"
+            )
+    boxes0: dict[tuple[int, int], tuple[float, float, float, float]] = {}
+    selected: list[tuple[int, int]] = []
+    n_background = 0
+    for i in range(n_rows):
+        for j in range(n_cols):
+            t, lft, b, rgt = grid.kept_box(i, j)
+            box = (
+                max(0.0, t * to0[0]),
+                max(0.0, lft * to0[1]),
+                min(h0, b * to0[0]),
+                min(w0, rgt * to0[1]),
+            )
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            if roi is not None and not (
+                box[0] < roi[2] and box[2] > roi[0] and box[1] < roi[3] and box[3] > roi[1]
+            ):
+                continue
+            if any(not m.any_in(*box) for m in masks):
+                n_background += 1
+                continue
+            boxes0[(i, j)] = box
+            selected.append((i, j))
+    order = _order(selected, boxes0, config.priority)
+
+    # ---- the run folder -----------------------------------------------------------------
+    record = {
+        "engine_version": ENGINE_VERSION,
+        "model": spec.name,
+        "model_version": spec.version,
+        "fingerprint": spec.fingerprint(),
+        "image": str(pyramid.path),
+        "image_shape": [int(v) for v in lv0_shape],
+        "image_mpp": list(plan.image_mpp) if plan.image_mpp else None,
+        "level": plan.level,
+        "factor": list(plan.factor),
+        "dense": spec.dense,
+        "grid": [io.patch_size, io.halo, io.overlap, io.output_stride],
+        "prob_channels": prob_channels,
+        "size_channels": size_channels,
+        "planes": list(plane_shape),
+    }
+    group = None
+    created = False
+    if out.exists():
+        try:
+            group = zarr.open_group(str(out), mode="r+")
+            raw = group.attrs.get(RECORD_KEY)
+            old: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+        except Exception:  # not a zarr group at all
+            old = {}
+        same = {k: v for k, v in old.items() if k in record} == record
+        if not old:
+            raise RunStateError(
+                f"{out} exists and is not a napari-histo-ai run; choose another output folder"
+            )
+        if not same or not config.resume:
+            shutil.rmtree(out)
+            group = None
+    if group is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(out), mode="w")
+        group.attrs[RECORD_KEY] = cast(Any, {**record, "spec": spec.to_dict()})
+        created = True
+
+    progress_path = out / "progress.npz"
+    state = load_progress(progress_path) if not created else None
+    dense_out: DenseOutput | None = None
+    tile_out: TileOutput | None = None
+    if spec.dense:
+        assert isinstance(grid, DenseGrid)
+        cs = grid.cell_size
+        oh, ow = grid.output_shape
+        n_levels = 1
+        while cs % 2**n_levels == 0 and max(oh, ow) / 2**n_levels >= 256 and n_levels < 8:
+            n_levels += 1
+        dense_out = DenseOutput(
+            group,
+            n_prob=len(prob_channels),
+            n_sizes=len(size_channels),
+            planes=plane_shape,
+            shape=(oh, ow),
+            cell_size=cs,
+            n_levels=n_levels,
+            scale=geo.scale,
+            translate=geo.translate,
+            unit=geo.unit,
+            create=created,
+        )
+        n_cells = grid.n_cells
+        cells_done = np.zeros((*plane_shape, *n_cells), dtype=bool)
+        if state is not None and state.get("cells_done", np.zeros(0)).shape == cells_done.shape:
+            cells_done = state["cells_done"].astype(bool)
+    else:
+        tile_out = TileOutput(
+            group,
+            n_channels=spec.n_outputs,
+            planes=plane_shape,
+            n_tiles=(n_rows, n_cols),
+            scale=geo.scale,
+            translate=geo.translate,
+            unit=geo.unit,
+            create=created,
+        )
+        tiles_done_arr = np.zeros((*plane_shape, n_rows, n_cols), dtype=bool)
+        if state is not None and state.get("tiles_done", np.zeros(0)).shape == tiles_done_arr.shape:
+            tiles_done_arr = state["tiles_done"].astype(bool)
+
+    # tiles still to compute, per plane
+    todo: list[tuple[tuple[int, ...], int, int]] = []
+    for plane in planes:
+        for i, j in order:
+            if spec.dense:
+                assert isinstance(grid, DenseGrid)
+                if all(cells_done[(*plane, ci, cj)] for ci, cj in grid.cells_of_tile(i, j)):
+                    continue
+            elif tiles_done_arr[(*plane, i, j)]:
+                continue
+            todo.append((plane, i, j))
+    total = len(selected) * len(planes)
+    already = total - len(todo)
+
+    # pending counts per cell: selected tiles touching it that are still to compute
+    pending = None
+    remaining: dict[tuple[int, ...], int] = {}
+    selected_set = set(selected)
+    if spec.dense:
+        assert isinstance(grid, DenseGrid)
+        pending = _Pending(
+            len(prob_channels) + len(size_channels),
+            grid.cell_size,
+            config.memory_mb * 1e6,
+            out / ".pending",
+        )
+        pending.clear()
+        for plane, i, j in todo:
+            for ci, cj in grid.cells_of_tile(i, j):
+                key = (*plane, ci, cj)
+                if not cells_done[key]:
+                    remaining[key] = remaining.get(key, 0) + 1
+        weights = grid.weights()
+
+    # ---- objects ------------------------------------------------------------------------
+    object_outputs = [o for o in spec.outputs if o.kind in ("points", "boxes")]
+    objects = {o.name: Objects.empty(o.kind, len(plane_shape), o.classes) for o in object_outputs}
+    extracted: set[tuple[int, ...]] = set()
+    out_px_um = geo.scale[0] if geo.unit in ("um", "mm") else geo.pixel[0]
+    if geo.unit == "mm":
+        out_px_um = geo.scale[0] * 1000
+
+    def threshold_of(o: OutputSpec) -> float:
+        return config.threshold if config.threshold is not None else o.threshold
+
+    def cell_relevant(key: tuple[int, ...]) -> bool:
+        assert isinstance(grid, DenseGrid)
+        ci, cj = key[-2:]
+        return any(t in selected_set for t in grid.tiles_of_cell(ci, cj))
+
+    def extract(key: tuple[int, ...]) -> dict[str, Objects]:
+        assert dense_out is not None and isinstance(grid, DenseGrid)
+        plane, (ci, cj) = key[:-2], key[-2:]
+        found: dict[str, Objects] = {}
+        cs = grid.cell_size
+        for o in object_outputs:
+            md = max(1, round(o.min_distance_um / max(out_px_um, 1e-9)))
+            margin = min(cs, md + 2)
+            y0, x0 = ci * cs - margin, cj * cs - margin
+            y1, x1 = (ci + 1) * cs + margin, (cj + 1) * cs + margin
+            cy0, cx0 = max(0, y0), max(0, x0)
+            block = dense_out.read_cell_region(plane, y0, x0, y1, x1)
+            chans = [prob_index[c] for c in o.channels]
+            core = (ci * cs - cy0, cj * cs - cx0, (ci + 1) * cs - cy0, (cj + 1) * cs - cx0)
+            peaks, scores, labels = find_peaks(
+                block[chans], threshold=threshold_of(o), min_distance=md, core=core
+            )
+            if not len(peaks):
+                continue
+            rows = (peaks[:, 0] + cy0 + 0.5) * geo.pixel[0]
+            cols = (peaks[:, 1] + cx0 + 0.5) * geo.pixel[1]
+            lead = np.tile(np.asarray(plane, dtype=np.float64), (len(rows), 1))
+            if o.kind == "points":
+                coords = np.column_stack([lead, rows, cols])
+            else:
+                assert dense_out.sizes is not None and o.size_channels is not None
+                sz = np.asarray(
+                    dense_out.sizes[
+                        (
+                            slice(None),
+                            *plane,
+                            slice(cy0, cy0 + block.shape[1]),
+                            slice(cx0, cx0 + block.shape[2]),
+                        )
+                    ]
+                )
+                hh = sz[size_index[o.size_channels[0]], peaks[:, 0], peaks[:, 1]] * geo.pixel[0]
+                ww = sz[size_index[o.size_channels[1]], peaks[:, 0], peaks[:, 1]] * geo.pixel[1]
+                coords = np.column_stack(
+                    [lead, rows - hh / 2, cols - ww / 2, rows + hh / 2, cols + ww / 2]
+                )
+            found[o.name] = Objects(o.kind, coords, scores, labels, o.classes)
+        return found
+
+    def ready_for_objects(key: tuple[int, ...]) -> bool:
+        plane, (ci, cj) = key[:-2], key[-2:]
+        nr, nc = cells_done.shape[-2:]
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                ni, nj = ci + di, cj + dj
+                if 0 <= ni < nr and 0 <= nj < nc:
+                    nkey = (*plane, ni, nj)
+                    if not cells_done[nkey] and nkey in remaining:
+                        return False
+        return True
+
+    # ---- workers ------------------------------------------------------------------------
+    device = predictor.device
+    batch_size = config.batch_size or _auto_batch_size(spec, device)
+    p = io.patch_size
+    read_size = (max(1, round(p * plan.factor[0])), max(1, round(p * plan.factor[1])))
+    stats = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    stats_lock = threading.Lock()
+
+    def prepare(batch: list[tuple[tuple[int, ...], int, int]]) -> np.ndarray:
+        t0 = time.perf_counter()
+        from ..models.preprocessing import normalise
+
+        tiles = []
+        for plane, i, j in batch:
+            my, mx = grid.input_origin(i, j)
+            top = round(my * plan.factor[0])
+            left = round(mx * plan.factor[1])
+            tile = _read_plane_region(
+                pyramid, plan.level, plane, top, left, read_size[0], read_size[1], fill
+            )
+            tile = _fit_channels(tile, io.channels, spec.name, str(pyramid.path))
+            tiles.append(_resize(tile, p))
+        x = normalise(np.stack(tiles), io.normalisation)
+        with stats_lock:
+            stats["read_s"] += time.perf_counter() - t0
+        return x
+
+    new_objects: dict[str, Objects] = {}
+    objects_lock = threading.Lock()
+
+    def absorb(batch: list[tuple[tuple[int, ...], int, int]], y: np.ndarray) -> None:
+        """Blend a batch's outputs into pending cells; write the cells that are complete."""
+        t0 = time.perf_counter()
+        if not spec.dense:
+            assert tile_out is not None
+            by_plane: dict[tuple[int, ...], list[int]] = {}
+            for n, (plane, _, _) in enumerate(batch):
+                by_plane.setdefault(plane, []).append(n)
+            for plane, idx in by_plane.items():
+                rows = np.array([batch[n][1] for n in idx])
+                cols = np.array([batch[n][2] for n in idx])
+                tile_out.write(plane, rows, cols, y[idx])
+                done_key: tuple[Any, ...] = (*plane, rows, cols)
+                tiles_done_arr[done_key] = True
+            with stats_lock:
+                stats["write_s"] += time.perf_counter() - t0
+            return
+        assert isinstance(grid, DenseGrid) and dense_out is not None and pending is not None
+        cs = grid.cell_size
+        r = io.output_stride
+        halo_o = io.halo // r
+        kept_o = grid.kept // r
+        finished: list[tuple[int, ...]] = []
+        chans = prob_channels + size_channels
+        for n, (plane, i, j) in enumerate(batch):
+            kept = y[n, chans, halo_o : halo_o + kept_o, halo_o : halo_o + kept_o]
+            ky, kx = grid.kept_origin(i, j)
+            for ci, cj in grid.cells_of_tile(i, j):
+                key = (*plane, ci, cj)
+                if cells_done[key] or key not in remaining:
+                    continue
+                # overlap of the tile's kept area with the cell, in cell coordinates
+                y0, x0 = max(ky, ci * cs), max(kx, cj * cs)
+                y1, x1 = min(ky + kept_o, (ci + 1) * cs), min(kx + kept_o, (cj + 1) * cs)
+                if y1 <= y0 or x1 <= x0:
+                    continue
+                acc, wsum = pending.get(key)
+                w = weights[y0 - ky : y1 - ky, x0 - kx : x1 - kx]
+                sl = (slice(y0 - ci * cs, y1 - ci * cs), slice(x0 - cj * cs, x1 - cj * cs))
+                acc[(slice(None), *sl)] += kept[:, y0 - ky : y1 - ky, x0 - kx : x1 - kx] * w
+                wsum[sl] += w
+            for ci, cj in grid.cells_of_tile(i, j):
+                key = (*plane, ci, cj)
+                if key in remaining:
+                    remaining[key] -= 1
+                    if remaining[key] == 0:
+                        del remaining[key]
+                        acc, wsum = pending.pop(key)
+                        value = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
+                        npb = len(prob_channels)
+                        dense_out.write_cell(
+                            plane, ci, cj, value[:npb], value[npb:] if size_channels else None
+                        )
+                        cells_done[key] = True
+                        finished.append(key)
+        if object_outputs:
+            candidates: set[tuple[int, ...]] = set()
+            for key in finished:
+                plane, (ci, cj) = key[:-2], key[-2:]
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        candidates.add((*plane, ci + di, cj + dj))
+            for key in sorted(candidates):
+                if key in extracted or not _inside(key, cells_done.shape):
+                    continue
+                if cells_done[key] and ready_for_objects(key):
+                    extracted.add(key)
+                    found = extract(key)
+                    with objects_lock:
+                        for name, objs in found.items():
+                            objects[name].extend(objs)
+                            if name in new_objects:
+                                new_objects[name].extend(objs)
+                            else:
+                                new_objects[name] = Objects(
+                                    objs.kind, objs.coords, objs.scores, objs.labels, objs.classes
+                                )
+        with stats_lock:
+            stats["write_s"] += time.perf_counter() - t0
+
+    def save_state() -> None:
+        if spec.dense:
+            save_progress(progress_path, cells_done=cells_done)
+        else:
+            save_progress(progress_path, tiles_done=tiles_done_arr)
+
+    # objects of cells finished by an earlier, interrupted run
+    if object_outputs and spec.dense:
+        for key in zip(*np.nonzero(cells_done), strict=False):
+            k = tuple(int(v) for v in key)
+            if ready_for_objects(k):
+                extracted.add(k)
+                for name, objs in extract(k).items():
+                    objects[name].extend(objs)
+    resumed_objects = {
+        name: Objects(o.kind, o.coords.copy(), o.scores.copy(), o.labels.copy(), o.classes)
+        for name, o in objects.items()
+        if len(o)
+    }
+
+    batches = [todo[n : n + batch_size] for n in range(0, len(todo), batch_size)]
+    readers = ThreadPoolExecutor(
+        max_workers=max(1, config.workers), thread_name_prefix="histo-read"
+    )
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histo-write")
+    queue: list[tuple[list[tuple[tuple[int, ...], int, int]], Future[np.ndarray]]] = []
+    batch_iter: Iterator[list[tuple[tuple[int, ...], int, int]]] = iter(batches)
+    writes: list[Future[None]] = []
+    done = already
+    cancelled = False
+    rate_window: list[tuple[float, int]] = [(time.perf_counter(), done)]
+    message = (
+        f"{spec.name}: {total} tiles ({n_background} background skipped), "
+        f"level {plan.level}, batch {batch_size}, {device}"
+    )
+    yield Progress(
+        done,
+        total,
+        time.perf_counter() - t_start,
+        0.0,
+        None,
+        message,
+        resumed_objects,
+        path=out,
+        geometry={o.name: geo for o in spec.outputs},
+        planes=plane_shape,
+    )
+
+    def fill_queue() -> None:
+        while len(queue) < max(1, config.prefetch):
+            nxt = next(batch_iter, None)
+            if nxt is None:
+                return
+            queue.append((nxt, readers.submit(prepare, nxt)))
+
+    try:
+        fill_queue()
+        while queue:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            batch, fut = queue.pop(0)
+            x = fut.result()
+            fill_queue()
+            t0 = time.perf_counter()
+            y = _forward(predictor, x, spec, prob_channels)
+            stats["model_s"] += time.perf_counter() - t0
+            # keep at most two batches waiting for the writer (bounded memory)
+            while len(writes) >= 2:
+                writes.pop(0).result()
+            writes.append(writer.submit(absorb, batch, y))
+            done += len(batch)
+            now = time.perf_counter()
+            rate_window.append((now, done))
+            rate_window = rate_window[-20:]
+            dt = now - rate_window[0][0]
+            rate = (done - rate_window[0][1]) / dt if dt > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else None
+            with objects_lock:
+                fresh = dict(new_objects)
+                new_objects.clear()
+            save_state()
+            yield Progress(done, total, now - t_start, rate, eta, message, fresh)
+    finally:
+        for _, f in queue:
+            f.cancel()
+        readers.shutdown(wait=True, cancel_futures=True)
+        for w in writes:
+            w.result()
+        writer.shutdown(wait=True)
+        save_state()
+        if pending is not None:
+            pending.clear()
+
+    with objects_lock:
+        fresh = dict(new_objects)
+        new_objects.clear()
+    complete = not cancelled and done >= total
+    if object_outputs and spec.dense and complete:
+        # cells whose neighbours never finish (region borders) still get their objects
+        for key in zip(*np.nonzero(cells_done), strict=False):
+            k = tuple(int(v) for v in key)
+            if k not in extracted:
+                extracted.add(k)
+                for name, objs in extract(k).items():
+                    objects[name].extend(objs)
+                    if name in fresh:
+                        fresh[name].extend(objs)
+                    else:
+                        fresh[name] = objs
+
+    aggregates: dict[str, dict[str, Any]] = {}
+    if not spec.dense:
+        assert tile_out is not None
+        values = np.asarray(tile_out.array)
+        for o in spec.outputs:
+            v = values[list(o.channels)].reshape(len(o.channels), -1).T
+            aggregates[o.name] = aggregate(v, o)
+
+    geometry = {o.name: geo for o in spec.outputs}
+    summary = {
+        "model": spec.name,
+        "model_version": spec.version,
+        "task": spec.task,
+        "image": str(pyramid.path),
+        "image_shape": [int(v) for v in lv0_shape],
+        "image_mpp": list(plan.image_mpp) if plan.image_mpp else None,
+        "model_mpp": io.mpp,
+        "level": plan.level,
+        "resample_factor": list(plan.factor),
+        "output_pixel_level0": list(geo.pixel),
+        "scale": list(geo.scale),
+        "translate": list(geo.translate),
+        "unit": geo.unit,
+        "tissue": tissue_method,
+        "roi": list(config.roi) if config.roi else None,
+        "tiles_total": total,
+        "tiles_done": done,
+        "tiles_background": n_background,
+        "complete": complete,
+        "cancelled": cancelled,
+        "device": str(device),
+        "batch_size": batch_size,
+        "wall_s": round(time.perf_counter() - t_start, 3),
+        "read_s": round(stats["read_s"], 3),
+        "model_s": round(stats["model_s"], 3),
+        "write_s": round(stats["write_s"], 3),
+        "spilled_cells": pending.n_spills if pending is not None else 0,
+        "objects": {k: len(v) for k, v in objects.items()},
+        "aggregates": aggregates,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    for name, objs in objects.items():
+        from .geojson import write_objects
+
+        write_objects(out / f"{name}.geojson", objs, pixel_size=plan.image_mpp)
+    if fresh:
+        yield Progress(done, total, time.perf_counter() - t_start, 0.0, 0.0, message, fresh)
+    return RunResult(
+        path=out,
+        spec=spec,
+        complete=complete,
+        cancelled=cancelled,
+        tiles_total=total,
+        tiles_done=done,
+        tiles_skipped=n_background,
+        geometry=geometry,
+        objects=objects,
+        aggregates=aggregates,
+        summary=summary,
+        planes=plane_shape,
+    )
+
+
+def _inside(key: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    return all(0 <= k < s for k, s in zip(key, shape, strict=True))
+
+
+def _forward(
+    predictor: Predictor, x: np.ndarray, spec: ModelSpec, prob_channels: list[int]
+) -> np.ndarray:
+    import torch
+
+    batch = torch.from_numpy(x)
+    if predictor.device.type != "cpu":
+        batch = batch.pin_memory().to(predictor.device, non_blocking=True)
+    with torch.inference_mode():
+        y = predictor(batch)
+        y = _apply_activation(
+            y.float(), spec, prob_channels if spec.dense else list(range(y.shape[1]))
+        )
+    return y.cpu().numpy()
+
+
+def run_model_sync(
+    pyramid: Pyramid,
+    predictor: Predictor,
+    out: str | Path,
+    *,
+    config: RunConfig | None = None,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunResult:
+    """Drive `run_model` to the end in this thread (tests, CLI, scripts)."""
+    gen = run_model(pyramid, predictor, out, config=config, cancel=cancel)
+    while True:
+        try:
+            progress = next(gen)
+        except StopIteration as stop:
+            result: RunResult = stop.value
+            return result
+        if on_progress is not None:
+            on_progress(progress)

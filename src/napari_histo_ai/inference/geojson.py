@@ -1,0 +1,53 @@
+"""Objects found by a run as GeoJSON (level-0 pixel coordinates, x then y)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .objects import Objects
+from .store import write_json_atomic
+
+
+def objects_to_geojson(
+    objects: Objects, *, pixel_size: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """A FeatureCollection: points as ``Point``, boxes as closed ``Polygon`` rectangles.
+
+    Coordinates are level-0 pixels (continuous: pixel i spans [i, i + 1)), in GeoJSON's
+    (x, y) order, as QuPath and most slide tools expect. Properties carry ``class``,
+    ``score`` and, for stacks, ``plane``. ``pixel_size`` (µm/px row, column) is recorded
+    in the collection's properties when known.
+    """
+    n_plane = objects.coords.shape[1] - (2 if objects.kind == "points" else 4)
+    features = []
+    for coords, score, label in zip(objects.coords, objects.scores, objects.labels, strict=True):
+        plane = [int(v) for v in coords[:n_plane]]
+        c = coords[n_plane:]
+        if objects.kind == "points":
+            geometry: dict[str, Any] = {"type": "Point", "coordinates": [float(c[1]), float(c[0])]}
+        else:
+            top, left, bottom, right = (float(v) for v in c)
+            ring = [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]
+            geometry = {"type": "Polygon", "coordinates": [ring]}
+        props: dict[str, Any] = {
+            "class": objects.classes[int(label)] if objects.classes else int(label),
+            "score": round(float(score), 5),
+        }
+        if plane:
+            props["plane"] = plane
+        features.append({"type": "Feature", "geometry": geometry, "properties": props})
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    collection["properties"] = {
+        "units": "level-0 pixels",
+        "mpp": list(pixel_size) if pixel_size else None,
+    }
+    return collection
+
+
+def write_objects(
+    path: Path, objects: Objects, *, pixel_size: tuple[float, float] | None = None
+) -> Path:
+    """Write `objects_to_geojson` to ``path`` atomically."""
+    write_json_atomic(Path(path), objects_to_geojson(objects, pixel_size=pixel_size))
+    return Path(path)

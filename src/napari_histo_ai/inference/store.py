@@ -1,0 +1,285 @@
+"""The on-disk result of a run: an OME-Zarr (NGFF 0.5) folder plus progress files.
+
+Layout of ``<run>.zarr``::
+
+    zarr.json              group; attributes["napari_histo_ai"] = the run record
+    probability/           dense models: OME-Zarr image, axes c[, z], y, x, uint8 = p * 255,
+                           levels 0..n built while the run goes (2x mean each)
+    sizes/                 detectors: float32 box height / width channels (output px)
+    tiles/                 tile models: OME-Zarr image, axes c[, z], y, x, float32 per tile
+                           (NaN = not computed)
+    progress.npz           which output cells / tiles are final (written atomically)
+    points.geojson, boxes.geojson, summary.json   written when the run stops
+
+A cell is written to ``probability`` only once every tile that touches it is done, so
+whatever is on disk is final: a cancelled or crashed run leaves a consistent partial
+result, and resuming recomputes only tiles that touch unfinished cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RECORD_KEY = "napari_histo_ai"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_json_default)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_progress(path: Path, **arrays: np.ndarray) -> None:
+    """Save progress arrays atomically (``np.savez`` to a temp file, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_progress(path: Path) -> dict[str, np.ndarray] | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError):
+        return None
+
+
+def multiscales(
+    name: str,
+    axes: list[str],
+    n_levels: int,
+    scale: tuple[float, float],
+    translate: tuple[float, float],
+    unit: str | None,
+    factor: int = 2,
+) -> dict[str, Any]:
+    """NGFF 0.5 ``multiscales`` metadata for arrays ``0..n_levels-1`` (2x per level in y, x).
+
+    ``scale``/``translate`` are those of level 0 along (y, x); at level k the pixel is
+    ``factor**k`` times larger and its centre shifts by ``(factor**k - 1) / 2`` level-0
+    pixels.
+    """
+    axes_meta = []
+    for a in axes:
+        entry: dict[str, Any] = {"name": a}
+        if a in ("y", "x"):
+            entry["type"] = "space"
+            if unit == "um":
+                entry["unit"] = "micrometer"
+            elif unit == "mm":
+                entry["unit"] = "millimeter"
+        elif a == "z":
+            entry["type"] = "space"
+        else:
+            entry["type"] = "channel"
+        axes_meta.append(entry)
+    lead = len(axes) - 2
+    datasets = []
+    for k in range(n_levels):
+        f = factor**k
+        s = [1.0] * lead + [scale[0] * f, scale[1] * f]
+        t = [0.0] * lead + [
+            translate[0] + (f - 1) / 2 * scale[0],
+            translate[1] + (f - 1) / 2 * scale[1],
+        ]
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": s},
+                    {"type": "translation", "translation": t},
+                ],
+            }
+        )
+    return {
+        "version": "0.5",
+        "multiscales": [{"name": name, "axes": axes_meta, "datasets": datasets}],
+    }
+
+
+class DenseOutput:
+    """The ``probability`` (and ``sizes``) arrays of a dense model's run.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The run's root group.
+    n_prob : int
+        Probability channels (stored as uint8, p * 255).
+    n_sizes : int
+        Raw float channels (box sizes); 0 when none.
+    planes : tuple of int
+        Leading plane shape (``()`` for 2D, ``(Z,)`` for volumes).
+    shape : (int, int)
+        Output (height, width), output pixels.
+    cell_size : int
+        Output chunk side (= tile stride in output pixels).
+    n_levels : int
+        Levels to build (2x mean each); level k must divide ``cell_size`` by 2**k.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        *,
+        n_prob: int,
+        n_sizes: int,
+        planes: tuple[int, ...],
+        shape: tuple[int, int],
+        cell_size: int,
+        n_levels: int,
+        scale: tuple[float, float],
+        translate: tuple[float, float],
+        unit: str | None,
+        create: bool,
+    ) -> None:
+        self.planes = planes
+        self.cell_size = cell_size
+        self.shape = shape
+        self.n_levels = n_levels
+        axes = ["c", *(["z"] if planes else []), "y", "x"]
+        if create:
+            prob = group.create_group("probability")
+            prob.attrs["ome"] = multiscales("probability", axes, n_levels, scale, translate, unit)
+            for k in range(n_levels):
+                h = -(-shape[0] // 2**k)
+                w = -(-shape[1] // 2**k)
+                prob.create_array(
+                    str(k),
+                    shape=(n_prob, *planes, h, w),
+                    chunks=(n_prob, *(1 for _ in planes), cell_size, cell_size),
+                    dtype="uint8",
+                    fill_value=0,
+                )
+            if n_sizes:
+                sizes = group.create_group("sizes")
+                sizes.attrs["ome"] = multiscales("sizes", axes, 1, scale, translate, unit)
+                sizes.create_array(
+                    "0",
+                    shape=(n_sizes, *planes, *shape),
+                    chunks=(n_sizes, *(1 for _ in planes), cell_size, cell_size),
+                    dtype="float32",
+                    fill_value=0.0,
+                )
+        self.prob = [group["probability"][str(k)] for k in range(n_levels)]
+        self.sizes = group["sizes"]["0"] if n_sizes else None
+
+    def cell_slices(self, ci: int, cj: int) -> tuple[slice, slice]:
+        cs = self.cell_size
+        return (
+            slice(ci * cs, min(self.shape[0], (ci + 1) * cs)),
+            slice(cj * cs, min(self.shape[1], (cj + 1) * cs)),
+        )
+
+    def write_cell(
+        self, plane: tuple[int, ...], ci: int, cj: int, prob: np.ndarray, sizes: np.ndarray | None
+    ) -> None:
+        """Write one final cell: ``prob`` (K, h, w) in [0, 1] and optional ``sizes``.
+
+        Also writes the cell's 2x, 4x, ... mean-downsampled versions into levels 1..n.
+        """
+        ys, xs = self.cell_slices(ci, cj)
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        prob = prob[:, :h, :w]
+        pl = tuple(plane)
+        self.prob[0][(slice(None), *pl, ys, xs)] = _quantise(prob)
+        if self.sizes is not None and sizes is not None:
+            self.sizes[(slice(None), *pl, ys, xs)] = sizes[:, :h, :w].astype(np.float32)
+        cur = prob
+        for k in range(1, self.n_levels):
+            cur = _mean2(cur)
+            f = 2**k
+            y0, x0 = ys.start // f, xs.start // f
+            self.prob[k][
+                (slice(None), *pl, slice(y0, y0 + cur.shape[1]), slice(x0, x0 + cur.shape[2]))
+            ] = _quantise(cur)
+
+    def read_cell_region(
+        self, plane: tuple[int, ...], y0: int, x0: int, y1: int, x1: int
+    ) -> np.ndarray:
+        """Probabilities (K, h, w) float32 of a level-0 output box, clipped to the output."""
+        y0, x0 = max(0, y0), max(0, x0)
+        y1, x1 = min(self.shape[0], y1), min(self.shape[1], x1)
+        raw = self.prob[0][(slice(None), *plane, slice(y0, y1), slice(x0, x1))]
+        return np.asarray(raw, dtype=np.float32) / 255.0
+
+
+def _quantise(p: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(p * 255.0), 0, 255).astype(np.uint8)
+
+
+def _mean2(a: np.ndarray) -> np.ndarray:
+    """2x2 mean over the last two axes (odd edges padded by repetition)."""
+    h, w = a.shape[-2:]
+    if h % 2 or w % 2:
+        a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")
+    return 0.25 * (a[..., ::2, ::2] + a[..., 1::2, ::2] + a[..., ::2, 1::2] + a[..., 1::2, 1::2])
+
+
+class TileOutput:
+    """Per-tile vectors of a tile model: ``tiles/0`` float32 (K, [Z,] rows, cols)."""
+
+    def __init__(
+        self,
+        group: Any,
+        *,
+        n_channels: int,
+        planes: tuple[int, ...],
+        n_tiles: tuple[int, int],
+        scale: tuple[float, float],
+        translate: tuple[float, float],
+        unit: str | None,
+        create: bool,
+    ) -> None:
+        axes = ["c", *(["z"] if planes else []), "y", "x"]
+        if create:
+            tiles = group.create_group("tiles")
+            tiles.attrs["ome"] = multiscales("tiles", axes, 1, scale, translate, unit)
+            tiles.create_array(
+                "0",
+                shape=(n_channels, *planes, *n_tiles),
+                chunks=(n_channels, *(1 for _ in planes), 256, 256),
+                dtype="float32",
+                fill_value=float("nan"),
+            )
+        self.array = group["tiles"]["0"]
+
+    def write(
+        self, plane: tuple[int, ...], rows: np.ndarray, cols: np.ndarray, values: np.ndarray
+    ) -> None:
+        """Write vectors ``values`` (N, K) for tiles at ``rows``, ``cols`` (N,)."""
+        current = np.asarray(self.array[(slice(None), *plane)])
+        current[:, rows, cols] = values.T
+        self.array[(slice(None), *plane)] = current

@@ -1,0 +1,138 @@
+"""Tissue / foreground detection at low resolution, to skip background tiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..io.pyramid import Pyramid
+
+#: longest side of the thumbnail the mask is computed on, pixels
+MASK_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean mask over the whole image at a coarse resolution.
+
+    Attributes
+    ----------
+    mask : numpy.ndarray of bool, shape (rows, cols)
+    downsample : (float, float)
+        Level-0 pixels per mask pixel along (row, column).
+    method : str
+        How it was computed (for the run record).
+    """
+
+    mask: np.ndarray
+    downsample: tuple[float, float]
+    method: str
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def any_in(self, top: float, left: float, bottom: float, right: float) -> bool:
+        """Whether any foreground lies in a level-0 box (with one mask pixel of margin)."""
+        dy, dx = self.downsample
+        r0 = max(0, int(top // dy) - 1)
+        c0 = max(0, int(left // dx) - 1)
+        r1 = min(self.mask.shape[0], int(-(-bottom // dy)) + 1)
+        c1 = min(self.mask.shape[1], int(-(-right // dx)) + 1)
+        if r1 <= r0 or c1 <= c0:
+            return False
+        return bool(self.mask[r0:r1, c0:c1].any())
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    if values.size == 0 or float(values.min()) == float(values.max()):
+        return float(values.max()) if values.size else 0.0
+    return float(threshold_otsu(values))
+
+
+def foreground(thumbnail: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, str]:
+    """Foreground of a thumbnail: tissue on a bright slide, bright objects on dark images.
+
+    Parameters
+    ----------
+    thumbnail : numpy.ndarray
+        (rows, cols, 3) RGB or (rows, cols) greyscale.
+    threshold : float, optional
+        For RGB, optical density (summed over channels) above which a pixel is tissue;
+        default Otsu's threshold, at least 0.15. For greyscale, intensity; default Otsu.
+
+    Returns
+    -------
+    (mask, method)
+    """
+    from scipy.ndimage import binary_closing
+    from skimage.morphology import disk, remove_small_objects
+
+    img = np.asarray(thumbnail)
+    if img.ndim == 3 and img.shape[-1] >= 3:
+        rgb = img[..., :3].astype(np.float32)
+        if img.dtype != np.uint8:
+            hi = float(rgb.max()) or 1.0
+            rgb = rgb / hi * 255.0
+        od = -np.log((rgb + 1.0) / 256.0).sum(axis=-1)
+        background = np.median(rgb.reshape(-1, 3), axis=0).mean()
+        if background < 100:  # dark background (fluorescence, dark-field): all foreground
+            return np.ones(img.shape[:2], dtype=bool), "dark background: all tiles"
+        t = threshold if threshold is not None else max(0.15, _otsu(od))
+        mask = od > t
+        method = f"optical density > {t:.3f}"
+    else:
+        grey = img if img.ndim == 2 else img[..., 0]
+        grey = grey.astype(np.float32)
+        t = threshold if threshold is not None else _otsu(grey)
+        mask = grey > t
+        method = f"intensity > {t:.3f}"
+    if mask.size >= 64:
+        mask = binary_closing(mask, structure=disk(2), border_value=0) | mask
+        mask = remove_small_objects(mask, max_size=max(4, mask.size // 20000))
+    return mask, method
+
+
+def tissue_mask(pyramid: Pyramid, *, threshold: float | None = None) -> TissueMask:
+    """Compute the foreground mask of a 2D pyramid from its coarsest usable level.
+
+    Uses the finest level whose longest side is at most `MASK_SIDE`; when even the
+    coarsest level is larger (single-level images), it is read with a stride, one
+    chunk row at a time, so memory stays bounded.
+    """
+    shapes = [pyramid.spatial_shape(i) for i in range(len(pyramid.levels))]
+    level = len(shapes) - 1
+    for i, shape in enumerate(shapes):
+        if max(shape) <= MASK_SIDE:
+            level = i
+            break
+    h0, w0 = shapes[0]
+    h, w = shapes[level]
+    lv = pyramid.levels[level]
+    step = max(1, int(np.ceil(max(h, w) / MASK_SIDE)))
+    ly, lx = pyramid.axes.index("Y"), pyramid.axes.index("X")
+    if step == 1:
+        thumb = np.asarray(lv)
+    else:
+        rows = []
+        chunk_rows = int(lv.chunks[ly][0]) if hasattr(lv, "chunks") else h
+        band = max(step, (chunk_rows // step) * step)
+        for y in range(0, h, band):
+            key: list[slice] = [slice(None)] * lv.ndim
+            key[ly] = slice(y, min(h, y + band))
+            part = np.asarray(lv[tuple(key)])
+            sub: list[slice] = [slice(None)] * part.ndim
+            sub[ly], sub[lx] = slice(0, None, step), slice(0, None, step)
+            rows.append(part[tuple(sub)])
+        thumb = np.concatenate(rows, axis=ly)
+    if pyramid.axes == "YX":
+        pass
+    elif pyramid.axes != "YXS":
+        thumb = np.moveaxis(thumb, (ly, lx), (0, 1))
+    mask, method = foreground(thumb, threshold=threshold)
+    return TissueMask(mask, (h0 / mask.shape[0], w0 / mask.shape[1]), method)
