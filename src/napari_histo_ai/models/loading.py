@@ -465,6 +465,12 @@ def _load_state(
 ) -> None:
     """``load_state_dict(strict=True)`` with an error naming the offending keys."""
     expected = module.state_dict()
+    state = dict(state)
+    for key in expected:
+        # BatchNorm's step counter only matters for training with momentum=None; files
+        # saved without it (float-only safetensors) are complete for inference
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = expected[key]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -491,7 +497,7 @@ def _load_state(
             "check 'architecture' and 'kwargs' against how the weights were trained",
         )
     try:
-        module.load_state_dict(dict(state), strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise _fail(spec, f"weights file {spec.weights} does not load: {exc}") from exc
 
