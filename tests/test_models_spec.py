@@ -219,3 +219,23 @@ def test_fingerprint_changes_with_numbers_not_card() -> None:
     other_io = ModelSpec.from_dict(with_io(mpp=0.25))
     assert spec.fingerprint() == other_card.fingerprint()
     assert spec.fingerprint() != other_io.fingerprint()
+
+
+def test_errors_survive_pickling_between_processes() -> None:
+    import pickle
+
+    from napari_histo_ai.errors import (
+        CorruptFileError,
+        MissingDependencyError,
+        ModelInputError,
+        ModelSpecError,
+    )
+
+    for exc in (
+        ModelSpecError("models.yaml", "net", "bad field", "fix it"),
+        CorruptFileError("slide.svs", "truncated", "copy it again"),
+        MissingDependencyError("ONNX models", "onnx"),
+        ModelInputError("3 channels expected"),
+    ):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)

@@ -2,18 +2,42 @@
 
 Every subcommand prints JSON (or a path) on success. On bad input it prints one line,
 ``error: <file>: <what is wrong> (<what to do>)``, to standard error and exits with 2.
+
+Usage::
+
+    napari-histo-ai info PATH... [--backend NAME]
+    napari-histo-ai make-slide OUT.tif --source PATH [--width W] [--height H] ...
+    napari-histo-ai models [--json]
+    napari-histo-ai predict PATH... --model NAME --out DIR [--roi X,Y,W,H]... [--device D]
+        [--batch-size N] [--threshold T] [--mpp M] [--no-tissue] [--restart]
+        [--local-cluster N | --scheduler tcp://HOST:PORT]
+    napari-histo-ai bench read [PATH...] [--reads N] [--region PX] [--generate OUT.tif]
+    napari-histo-ai bench infer PATH [--model NAME] [--generate] [--tiles N] [--device D]
+        [--batch-size N] [--json-out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import HistoAIError
 
+if TYPE_CHECKING:
+    from .inference.batch import BatchProgress
+
 EXIT_BAD_INPUT = 2
+#: exit status of a run stopped with Ctrl-C (128 + SIGINT), resumable
+EXIT_INTERRUPTED = 130
+#: seconds between two progress lines of ``predict``
+PROGRESS_INTERVAL_S = 2.0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -47,7 +71,205 @@ def _cmd_make_slide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models.registry import format_card, load_registry, spec_summary, user_models_dir
+
+    registry = load_registry()
+    if args.json:
+        data = {"models": [spec_summary(s) for s in registry], "problems": registry.problems}
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    if len(registry):
+        print("\n\n".join(format_card(spec) for spec in registry))
+    else:
+        print(f"no models registered; add model YAML files to {user_models_dir()}")
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def _parse_roi(text: str) -> tuple[float, float, float, float]:
+    """``X,Y,W,H`` (level-0 pixels, x = column) → the engine's (top, left, height, width)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        values = []
+    if not values or values[0] < 0 or values[1] < 0 or values[2] <= 0 or values[3] <= 0:
+        raise HistoAIError(
+            f"--roi {text!r} is invalid: expected X,Y,W,H in level-0 pixels (x = column), "
+            "X, Y >= 0 and W, H > 0, e.g. --roi 1000,2000,512,512"
+        )
+    x, y, w, h = values
+    return (y, x, h, w)
+
+
+def _check_positive(option: str, value: float | None, *, upper: float | None = None) -> None:
+    if value is None:
+        return
+    if not (math.isfinite(value) and value > 0) or (upper is not None and value > upper):
+        expected = f"a number in (0, {upper:g}]" if upper is not None else "a positive number"
+        raise HistoAIError(f"{option} {value:g} is invalid: expected {expected}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+class _ProgressLines:
+    """Progress of ``predict`` on a stream: one line per ``interval`` seconds, one per end.
+
+    Lines read ``[k/n done] NAME: done/total tiles, R tiles/s, ETA T`` (tasks running in
+    parallel on a cluster are summed: ``[k/n done] 3 running: ...``).
+    """
+
+    def __init__(self, stream: TextIO, interval: float = PROGRESS_INTERVAL_S) -> None:
+        self.stream = stream
+        self.interval = interval
+        self.running: dict[int, BatchProgress] = {}
+        self.ended = 0
+        self.last = time.monotonic()
+
+    def __call__(self, p: BatchProgress) -> None:
+        if p.finished:
+            self.running.pop(p.index, None)
+            self.ended += 1
+            if p.error:
+                status = f"failed: {p.error}"
+            elif p.stopped and p.done == 0:
+                status = "not started (stopped)"
+            elif p.stopped:
+                status = f"stopped at {p.done}/{p.total} tiles"
+            else:
+                status = f"finished, {p.done}/{p.total} tiles"
+            self._print(f"[{self.ended}/{p.n_tasks} done] {p.label}: {status}")
+            return
+        self.running[p.index] = p
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        tasks = list(self.running.values())
+        done, total = sum(t.done for t in tasks), sum(t.total for t in tasks)
+        rate = sum(t.tiles_per_s for t in tasks)
+        etas = [t.eta_s for t in tasks]
+        eta = None if any(e is None for e in etas) else max(e for e in etas if e is not None)
+        head = tasks[0].label if len(tasks) == 1 else f"{len(tasks)} running"
+        self._print(
+            f"[{self.ended}/{p.n_tasks} done] {head}: {done}/{total} tiles, "
+            f"{rate:.1f} tiles/s, ETA {_duration(eta)}"
+        )
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C sets ``event`` (runs stop after their batch); the second aborts."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.previous: Any = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        print(
+            "stopping after the current batch (Ctrl-C again to abort); run the same "
+            "command again to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference.batch import predict_paths
+    from .inference.engine import RunConfig
+
+    rois = [_parse_roi(text) for text in args.roi] if args.roi else None
+    _check_positive("--batch-size", args.batch_size)
+    _check_positive("--threshold", args.threshold, upper=1.0)
+    _check_positive("--mpp", args.mpp)
+    if args.local_cluster is not None and args.local_cluster < 1:
+        raise HistoAIError(
+            f"--local-cluster {args.local_cluster} is invalid: expected at least 1 worker"
+        )
+    config = RunConfig(
+        batch_size=args.batch_size,
+        tissue=not args.no_tissue,
+        threshold=args.threshold,
+        mpp=args.mpp,
+        resume=not args.restart,
+    )
+    cancel = threading.Event()
+    with _StopOnInterrupt(cancel):
+        entries = predict_paths(
+            args.paths,
+            args.model,
+            args.out,
+            config=config,
+            device=args.device,
+            rois=rois,
+            scheduler=args.scheduler,
+            local_cluster=args.local_cluster,
+            cancel=cancel,
+            on_progress=_ProgressLines(sys.stderr),
+        )
+    print(json.dumps({"runs": entries}, indent=2, default=str))
+    failed = [e for e in entries if e.get("error")]
+    for entry in failed:
+        if entry.get("traceback"):
+            print(entry["traceback"].rstrip(), file=sys.stderr)
+        error = str(entry["error"])
+        where = "" if entry["input"] in error else f"{entry['input']}: "
+        print(f"error: {where}{error}", file=sys.stderr)
+    if failed:
+        return EXIT_BAD_INPUT
+    if cancel.is_set() or any(e.get("cancelled") for e in entries):
+        return EXIT_INTERRUPTED
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "infer":
+        from .bench.infer import run_infer_benchmark
+        from .inference.store import write_json_atomic
+
+        _check_positive("--tiles", args.tiles)
+        _check_positive("--batch-size", args.batch_size)
+        result = run_infer_benchmark(
+            args.path,
+            model=args.model,
+            generate=args.generate,
+            n_tiles=args.tiles,
+            device=args.device,
+            batch_size=args.batch_size,
+            bench_dir=args.bench_dir,
+            source=args.source,
+        )
+        if args.json_out:
+            from pathlib import Path
+
+            write_json_atomic(Path(args.json_out), result)
+        print(json.dumps(result, indent=2))
+        return 0
     if args.what == "read":
         from .bench.read import run_read_benchmark
 
@@ -61,7 +283,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2))
         return 0
-    raise HistoAIError(f"unknown benchmark {args.what!r}: expected one of: read")
+    raise HistoAIError(f"unknown benchmark {args.what!r}: expected one of: read, infer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +317,105 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_make_slide)
 
+    p = sub.add_parser("models", help="list the registered models with their cards")
+    p.add_argument("--json", action="store_true", help="print JSON (models and registry problems)")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser(
+        "predict",
+        help="run a model over images; one run folder per image, DIR/summary.json",
+        description="Run a registered model over whole images or regions. Writes "
+        "DIR/<image>.<model>.zarr per input (OME-Zarr outputs, GeoJSON objects, "
+        "summary.json) and DIR/summary.json; prints the summaries as JSON. Runs "
+        "already in DIR resume. Ctrl-C stops after the current batch (exit 130).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--model", required=True, metavar="NAME", help="see `napari-histo-ai models`")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument(
+        "--roi",
+        action="append",
+        metavar="X,Y,W,H",
+        help="only this region, level-0 pixels (x = column); repeat for several regions "
+        "(each gets its own run folder, DIR/<image>.<model>.roi-X-Y-W-H.zarr)",
+    )
+    p.add_argument(
+        "--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="override the outputs' thresholds",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="µm/px of the images (overrides metadata)",
+    )
+    p.add_argument("--no-tissue", action="store_true", help="run every tile, background included")
+    p.add_argument(
+        "--restart", action="store_true", help="recompute runs found in DIR (default: resume)"
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--local-cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run one task per image (or region) on a local Dask cluster of N processes",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="run the tasks on this Dask cluster (shared file system, same models)",
+    )
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("bench", help="run a benchmark and print JSON")
-    p.add_argument("what", choices=["read"])
+    p.set_defaults(func=_cmd_bench)
+    benches = p.add_subparsers(dest="what", required=True)
+
+    p = benches.add_parser(
+        "infer",
+        help="engine throughput vs the bare model, peak memory, GUI responsiveness",
+    )
+    p.add_argument("path", metavar="PATH", help="slide whose centre region is timed")
+    p.add_argument(
+        "--model", default=None, metavar="NAME", help="registered model (default: nuclei-unet)"
+    )
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate the 10k x 10k and 100k x 100k memory slides in --bench-dir if absent",
+    )
+    p.add_argument("--tiles", type=int, default=256, metavar="N", help="tiles in the timed region")
+    p.add_argument(
+        "--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass"
+    )
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.add_argument(
+        "--bench-dir", default=".bench", metavar="DIR", help="where the memory slides live"
+    )
+    p.add_argument(
+        "--source",
+        metavar="PATH",
+        default=None,
+        help="real slide to tile the memory slides from (default: the bundled sample slide)",
+    )
+    p.set_defaults(func=_cmd_bench)
+
+    p = benches.add_parser("read", help="open time, memory and region reads vs OpenSlide")
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--reads", type=int, default=200, help="random regions per file")
     p.add_argument("--region", type=int, default=512, help="region edge in pixels")
@@ -129,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted (runs resume when the command is run again)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

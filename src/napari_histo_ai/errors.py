@@ -36,6 +36,9 @@ class ImageReadError(HistoAIError):
             message += f" ({hint})"
         super().__init__(message)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # picklable across processes
+        return type(self), (self.path, self.problem, self.hint)
+
 
 class UnsupportedFormatError(ImageReadError):
     """No backend recognises the file."""
@@ -49,10 +52,15 @@ class MissingDependencyError(HistoAIError):
     """An optional backend is needed but not installed."""
 
     def __init__(self, what: str, extra: str) -> None:
+        self.what = what
         self.extra = extra
         super().__init__(
             f"{what} needs the optional '{extra}' extra: pip install 'napari-histo-ai[{extra}]'"
         )
+
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.what, self.extra)
 
 
 class MetadataError(HistoAIError):
@@ -83,6 +91,9 @@ class ModelSpecError(HistoAIError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        return type(self), (self.source, self.model, self.problem, self.hint)
 
 
 class ModelNotFoundError(HistoAIError):

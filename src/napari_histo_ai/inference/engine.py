@@ -202,7 +202,9 @@ def _read_plane_region(
             key.append(slice(None))
         else:
             key.append(next(plane_iter))
-    part = np.asarray(lv[tuple(key)])
+    region = lv[tuple(key)]
+    # local threads, whatever scheduler is active (inside a Dask cluster task too)
+    part = np.asarray(region.compute(scheduler="threads") if hasattr(region, "compute") else region)
     rest = "".join(a for a in axes if a in "YXS")
     if "S" not in rest:
         part = part[..., None]
@@ -359,32 +361,33 @@ def _polygon_mask(
 
 
 def _order(
-    tiles: list[tuple[int, int]],
-    boxes0: dict[tuple[int, int], tuple[float, float, float, float]],
+    selected: np.ndarray,
+    row_centres: np.ndarray,
+    col_centres: np.ndarray,
     priority: tuple[float, float, float, float] | None,
-) -> list[tuple[int, int]]:
-    """Row-major order (cells finish early); with a priority box, its tiles first."""
-    if priority is None:
-        return sorted(tiles)
+) -> np.ndarray:
+    """(N, 2) tile indices: row-major (cells finish early); with a priority box (the
+    viewport), its tiles first, then rings of growing distance around it."""
+    tiles = np.argwhere(selected)
+    if priority is None or not len(tiles):
+        return tiles
     top, left, height, width = priority
-    bottom, right = top + height, left + width
-    cy, cx = top + height / 2, left + width / 2
-    first, rest = [], []
-    for t in tiles:
-        b = boxes0[t]
-        if b[0] < bottom and b[2] > top and b[1] < right and b[3] > left:
-            first.append(t)
-        else:
-            rest.append(t)
+    cy, cx = row_centres[tiles[:, 0]], col_centres[tiles[:, 1]]
+    py, px = top + height / 2, left + width / 2
+    dist = np.maximum(np.abs(cy - py) - height / 2, np.abs(cx - px) - width / 2)
+    ring = np.maximum(0, np.ceil(dist / max(1.0, max(height, width) / 2))).astype(np.int64)
+    return tiles[np.lexsort((tiles[:, 1], tiles[:, 0], ring))]
 
-    def dist(t: tuple[int, int]) -> float:
-        b = boxes0[t]
-        return max(abs((b[0] + b[2]) / 2 - cy), abs((b[1] + b[3]) / 2 - cx))
 
-    # rings of growing distance, row-major inside a ring, so cells still finish quickly
-    ring = max(1.0, max(height, width) / 2)
-    rest.sort(key=lambda t: (int(dist(t) // ring), t))
-    return sorted(first) + rest
+def _touches_unfinished(tiles: np.ndarray, cells_done: np.ndarray, overlap: bool) -> np.ndarray:
+    """Whether each (row, col) tile contributes to a cell that is not finished."""
+    nr, nc = cells_done.shape
+    need = np.zeros(len(tiles), dtype=bool)
+    for di, dj in [(-1, -1), (-1, 0), (0, -1), (0, 0)] if overlap else [(0, 0)]:
+        ci, cj = tiles[:, 0] + di, tiles[:, 1] + dj
+        ok = (ci >= 0) & (ci < nr) & (cj >= 0) & (cj < nc)
+        need[ok] |= ~cells_done[ci[ok], cj[ok]]
+    return need
 
 
 # ----------------------------------------------------------------------------------------
@@ -576,33 +579,27 @@ def run_model(
         roi = (max(0.0, top), max(0.0, left), min(h0, top + height), min(w0, left + width))
         if roi[2] <= roi[0] or roi[3] <= roi[1]:
             raise ModelInputError(
-                f"region (top, left, height, width) = {config.roi} lies outside the image "
-                f"({h0} x {w0} pixels)"
+                f"region (top, left, height, width) = {config.roi} level-0 pixels lies "
+                f"outside the image ({h0} x {w0} pixels)"
             )
-    boxes0: dict[tuple[int, int], tuple[float, float, float, float]] = {}
-    selected: list[tuple[int, int]] = []
-    n_background = 0
-    for i in range(n_rows):
-        for j in range(n_cols):
-            t, lft, b, rgt = grid.kept_box(i, j)
-            box = (
-                max(0.0, t * to0[0]),
-                max(0.0, lft * to0[1]),
-                min(h0, b * to0[0]),
-                min(w0, rgt * to0[1]),
-            )
-            if box[2] <= box[0] or box[3] <= box[1]:
-                continue
-            if roi is not None and not (
-                box[0] < roi[2] and box[2] > roi[0] and box[1] < roi[3] and box[3] > roi[1]
-            ):
-                continue
-            if any(not m.any_in(*box) for m in masks):
-                n_background += 1
-                continue
-            boxes0[(i, j)] = box
-            selected.append((i, j))
-    order = _order(selected, boxes0, config.priority)
+    # kept area of every tile row / column in level-0 pixels (the grid is separable)
+    rows_kept = np.array([grid.kept_box(i, 0)[0::2] for i in range(n_rows)], dtype=np.float64)
+    cols_kept = np.array([grid.kept_box(0, j)[1::2] for j in range(n_cols)], dtype=np.float64)
+    top0 = np.clip(rows_kept[:, 0] * to0[0], 0, h0)
+    bottom0 = np.clip(rows_kept[:, 1] * to0[0], 0, h0)
+    left0 = np.clip(cols_kept[:, 0] * to0[1], 0, w0)
+    right0 = np.clip(cols_kept[:, 1] * to0[1], 0, w0)
+    row_ok, col_ok = bottom0 > top0, right0 > left0
+    if roi is not None:
+        row_ok &= (top0 < roi[2]) & (bottom0 > roi[0])
+        col_ok &= (left0 < roi[3]) & (right0 > roi[1])
+    inside = row_ok[:, None] & col_ok[None, :]
+    foreground = np.ones_like(inside)
+    for m in masks:
+        foreground &= m.any_in_grid(top0, bottom0, left0, right0)
+    selected = inside & foreground
+    n_background = int((inside & ~foreground).sum())
+    order = _order(selected, (top0 + bottom0) / 2, (left0 + right0) / 2, config.priority)
 
     # ---- the run folder -----------------------------------------------------------------
     record = {
@@ -687,24 +684,25 @@ def run_model(
         if state is not None and state.get("tiles_done", np.zeros(0)).shape == tiles_done_arr.shape:
             tiles_done_arr = state["tiles_done"].astype(bool)
 
-    # tiles still to compute, per plane
-    todo: list[tuple[tuple[int, ...], int, int]] = []
+    # tiles still to compute, per plane: (plane..., row, col) rows of an int array
+    n_plane = len(plane_shape)
+    todo_parts = []
     for plane in planes:
-        for i, j in order:
-            if spec.dense:
-                assert isinstance(grid, DenseGrid)
-                if all(cells_done[(*plane, ci, cj)] for ci, cj in grid.cells_of_tile(i, j)):
-                    continue
-            elif tiles_done_arr[(*plane, i, j)]:
-                continue
-            todo.append((plane, i, j))
-    total = len(selected) * len(planes)
+        if spec.dense:
+            assert isinstance(grid, DenseGrid)
+            need = _touches_unfinished(order, cells_done[plane], grid.overlap > 0)
+        else:
+            need = ~tiles_done_arr[plane][order[:, 0], order[:, 1]]
+        rows = order[need]
+        lead = np.tile(np.asarray(plane, dtype=np.int64), (len(rows), 1))
+        todo_parts.append(np.column_stack([lead, rows]) if n_plane else rows)
+    todo = np.concatenate(todo_parts) if todo_parts else np.zeros((0, 2 + n_plane), np.int64)
+    total = int(selected.sum()) * len(planes)
     already = total - len(todo)
 
     # pending counts per cell: selected tiles touching it that are still to compute
     pending = None
-    remaining: dict[tuple[int, ...], int] = {}
-    selected_set = set(selected)
+    remaining = np.zeros(0, dtype=np.int16)
     if spec.dense:
         assert isinstance(grid, DenseGrid)
         pending = _Pending(
@@ -714,11 +712,16 @@ def run_model(
             out / ".pending",
         )
         pending.clear()
-        for plane, i, j in todo:
-            for ci, cj in grid.cells_of_tile(i, j):
-                key = (*plane, ci, cj)
-                if not cells_done[key]:
-                    remaining[key] = remaining.get(key, 0) + 1
+        remaining = np.zeros(cells_done.shape, dtype=np.int16)
+        nr_c, nc_c = grid.n_cells
+        offsets = [(-1, -1), (-1, 0), (0, -1), (0, 0)] if grid.overlap > 0 else [(0, 0)]
+        for di, dj in offsets:
+            ci = todo[:, n_plane] + di
+            cj = todo[:, n_plane + 1] + dj
+            ok = (ci >= 0) & (ci < nr_c) & (cj >= 0) & (cj < nc_c)
+            key = (*(todo[ok, k] for k in range(n_plane)), ci[ok], cj[ok])
+            np.add.at(remaining, key, 1)
+        remaining[cells_done] = 0
         weights = grid.weights()
 
     # ---- objects ------------------------------------------------------------------------
@@ -731,11 +734,6 @@ def run_model(
 
     def threshold_of(o: OutputSpec) -> float:
         return config.threshold if config.threshold is not None else o.threshold
-
-    def cell_relevant(key: tuple[int, ...]) -> bool:
-        assert isinstance(grid, DenseGrid)
-        ci, cj = key[-2:]
-        return any(t in selected_set for t in grid.tiles_of_cell(ci, cj))
 
     def extract(key: tuple[int, ...]) -> dict[str, Objects]:
         assert dense_out is not None and isinstance(grid, DenseGrid)
@@ -789,7 +787,7 @@ def run_model(
                 ni, nj = ci + di, cj + dj
                 if 0 <= ni < nr and 0 <= nj < nc:
                     nkey = (*plane, ni, nj)
-                    if not cells_done[nkey] and nkey in remaining:
+                    if not cells_done[nkey] and remaining[nkey] > 0:
                         return False
         return True
 
@@ -852,7 +850,7 @@ def run_model(
             ky, kx = grid.kept_origin(i, j)
             for ci, cj in grid.cells_of_tile(i, j):
                 key = (*plane, ci, cj)
-                if cells_done[key] or key not in remaining:
+                if remaining[key] == 0:  # finished, or no selected tile left for it
                     continue
                 # overlap of the tile's kept area with the cell, in cell coordinates
                 y0, x0 = max(ky, ci * cs), max(kx, cj * cs)
@@ -866,10 +864,9 @@ def run_model(
                 wsum[sl] += w
             for ci, cj in grid.cells_of_tile(i, j):
                 key = (*plane, ci, cj)
-                if key in remaining:
+                if remaining[key] > 0:
                     remaining[key] -= 1
                     if remaining[key] == 0:
-                        del remaining[key]
                         acc, wsum = pending.pop(key)
                         value = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
                         npb = len(prob_channels)
@@ -923,13 +920,19 @@ def run_model(
         if len(o)
     }
 
-    batches = [todo[n : n + batch_size] for n in range(0, len(todo), batch_size)]
+    def batches_of_todo() -> Iterator[list[tuple[tuple[int, ...], int, int]]]:
+        for n in range(0, len(todo), batch_size):
+            yield [
+                (tuple(int(v) for v in row[:n_plane]), int(row[n_plane]), int(row[n_plane + 1]))
+                for row in todo[n : n + batch_size]
+            ]
+
     readers = ThreadPoolExecutor(
         max_workers=max(1, config.workers), thread_name_prefix="histo-read"
     )
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="histo-write")
     queue: list[tuple[list[tuple[tuple[int, ...], int, int]], Future[np.ndarray]]] = []
-    batch_iter: Iterator[list[tuple[tuple[int, ...], int, int]]] = iter(batches)
+    batch_iter: Iterator[list[tuple[tuple[int, ...], int, int]]] = batches_of_todo()
     writes: list[Future[None]] = []
     done = already
     cancelled = False
