@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import napari
@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.5,
         help="seconds to let the canvas render before the screenshot (default 1.5)",
+    )
+    parser.add_argument(
+        "--model",
+        default="nuclei-unet",
+        help="registered model to run on the image (default nuclei-unet; 'none' to skip)",
     )
     parser.add_argument(
         "--size",
@@ -136,13 +141,26 @@ def open_image_layers(viewer: napari.Viewer, path: str | None) -> list[Layer]:
     return viewer.open(path, plugin="napari-histo-ai")
 
 
-def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namespace) -> None:
-    """HOOK for model runs on the opened image (added by a later issue).
+def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namespace) -> Any:
+    """Dock the "Run model" widget and press Run with ``args.model`` on the opened image.
 
-    Called once the image layers are in the viewer and before the screenshot, so a model
-    run (tissue mask, nuclei, tumour map…) lands in the same demo picture. ``layers[0]``
-    holds the Pyramid under ``layer.metadata["pyramid"]``. It does nothing yet.
+    Returns the thread worker (``None`` when no model runs), so the screenshot can wait
+    for the run to finish. The run resumes from the user cache when the demo is run again.
     """
+    if args.model == "none":
+        return None
+    _, widget = viewer.window.add_plugin_dock_widget("napari-histo-ai", "Run model")
+    if args.model not in widget._registry:
+        print(
+            f"demo: model {args.model!r} is not registered; available: {widget._registry.names()}"
+        )
+        return None
+    widget.model_combo.setCurrentText(args.model)
+    widget.region_combo.setCurrentText("Viewport first, then whole image")
+    worker = widget.run()
+    if worker is not None:
+        worker.finished.connect(lambda: print(f"demo: {widget.status_label.text()}"))
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(str(u) != "pixel" for layer in layers for u in layer.units):
         show_scale_bar(viewer)
     viewer.reset_view()
-    run_models(viewer, layers, args)
+    worker = run_models(viewer, layers, args)
 
     if args.screenshot is None:
         napari.run()
@@ -188,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             viewer.close()
             QApplication.quit()
 
-    QTimer.singleShot(int(args.delay * 1000), take_screenshot)
+    if worker is not None:  # screenshot once the model's layers are complete
+        worker.finished.connect(lambda: QTimer.singleShot(int(args.delay * 1000), take_screenshot))
+    else:
+        QTimer.singleShot(int(args.delay * 1000), take_screenshot)
     napari.run()
     return status["code"]
 

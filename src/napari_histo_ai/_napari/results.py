@@ -48,6 +48,10 @@ def _labels_colormap(colours: Sequence[str]) -> Any:
     return DirectLabelColormap(color_dict=mapping)
 
 
+def _units(geometry: Geometry, plane_units: Sequence[str]) -> tuple[str, ...]:
+    return (*plane_units, geometry.unit, geometry.unit)
+
+
 def _placement(
     geometry: Geometry, plane_scale: Sequence[float]
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -79,6 +83,7 @@ def dense_layers(
     *,
     image: str,
     plane_scale: Sequence[float] = (),
+    plane_units: Sequence[str] = (),
     threshold: float | None = None,
 ) -> list[LayerDataTuple]:
     """Image / Labels layers of a dense model's ``probability`` pyramid (lazy)."""
@@ -107,6 +112,7 @@ def dense_layers(
                             "name": name,
                             "scale": scale,
                             "translate": translate,
+                            "units": _units(geo, plane_units),
                             "colormap": _colormap(out.colours[n], name),
                             "contrast_limits": (0.0, 1.0),
                             "opacity": 0.7,
@@ -131,6 +137,7 @@ def dense_layers(
                         "name": layer_name(image, spec, out),
                         "scale": scale,
                         "translate": translate,
+                        "units": _units(geo, plane_units),
                         "colormap": _labels_colormap(out.colours),
                         "opacity": 0.5,
                         "metadata": {
@@ -155,6 +162,7 @@ def object_layer(
     *,
     image: str,
     plane_scale: Sequence[float] = (),
+    plane_units: Sequence[str] = (),
     run: str | Path | None = None,
 ) -> LayerDataTuple:
     """A Points (peaks) or Shapes (rectangles) layer with ``class`` and ``score`` features."""
@@ -169,11 +177,12 @@ def object_layer(
             "name": name,
             "scale": scale,
             "translate": translate,
+            "units": _units(geometry, plane_units),
             "features": features,
             "size": size_px * scale[-1],
             "face_color": np.asarray(colours).reshape(-1, 4) if colours else "transparent",
-            "border_color": "white",
-            "border_width": 0.1,
+            "border_color": "black",
+            "border_width": 0.05,
             "metadata": meta,
             "ndim": 2 + len(plane_scale),
         }
@@ -184,6 +193,7 @@ def object_layer(
             "name": name,
             "scale": scale,
             "translate": translate,
+            "units": _units(geometry, plane_units),
             "shape_type": "rectangle",
             "features": features,
             "edge_color": np.asarray(colours).reshape(-1, 4) if colours else "yellow",
@@ -225,6 +235,7 @@ def tile_layers(
     *,
     image: str,
     plane_scale: Sequence[float] = (),
+    plane_units: Sequence[str] = (),
 ) -> list[LayerDataTuple]:
     """Per-tile layers of a tile model: class map (Labels) + heatmap, magnification map."""
     import zarr
@@ -251,6 +262,7 @@ def tile_layers(
                         "name": layer_name(image, spec, out),
                         "scale": scale,
                         "translate": translate,
+                        "units": _units(geo, plane_units),
                         "colormap": _labels_colormap(out.colours),
                         "opacity": 0.4,
                         "metadata": {**meta, "classes": list(out.classes)},
@@ -267,6 +279,7 @@ def tile_layers(
                         "name": name,
                         "scale": scale,
                         "translate": translate,
+                        "units": _units(geo, plane_units),
                         "colormap": _colormap(out.colours[k], name),
                         "contrast_limits": (0.0, 1.0),
                         "opacity": 0.6,
@@ -289,6 +302,7 @@ def tile_layers(
                         "name": layer_name(image, spec, out),
                         "scale": scale,
                         "translate": translate,
+                        "units": _units(geo, plane_units),
                         "colormap": "viridis",
                         "contrast_limits": (lo, hi),
                         "opacity": 0.6,

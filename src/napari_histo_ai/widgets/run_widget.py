@@ -315,6 +315,8 @@ class RunModelWidget(QWidget):
         source = self._job["source"]
         plane_scale = tuple(source.scale[: len(progress.planes)]) if progress.planes else ()
         self._job["plane_scale"] = plane_scale
+        n = len(progress.planes)
+        self._job["plane_units"] = tuple(str(u) for u in source.units[:n]) if n else ()
         if spec.dense:
             for data, kwargs, kind in dense_layers(
                 progress.path,
@@ -322,6 +324,7 @@ class RunModelWidget(QWidget):
                 progress.geometry,
                 image=self._job["image"],
                 plane_scale=plane_scale,
+                plane_units=self._job["plane_units"],
                 threshold=request.config.threshold,
             ):
                 self._replace_layer(data, kwargs, kind)
@@ -361,6 +364,7 @@ class RunModelWidget(QWidget):
                 self._job["geometry"][out.name],
                 image=self._job["image"],
                 plane_scale=self._job.get("plane_scale", ()),
+                plane_units=self._job.get("plane_units", ()),
                 run=self._job.get("path"),
             )
             layer = self._job_layers.get(kwargs["name"])
@@ -384,6 +388,7 @@ class RunModelWidget(QWidget):
                 result.aggregates,
                 image=self._job["image"],
                 plane_scale=self._job.get("plane_scale", ()),
+                plane_units=self._job.get("plane_units", ()),
             ):
                 self._replace_layer(data, kwargs, kind)
         for layer in self._job_layers.values():
