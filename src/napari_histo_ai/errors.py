@@ -58,7 +58,6 @@ class MissingDependencyError(HistoAIError):
             f"{what} needs the optional '{extra}' extra: pip install 'napari-histo-ai[{extra}]'"
         )
 
-
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return type(self), (self.what, self.extra)
 

@@ -46,10 +46,13 @@ def get_reader(path: PathOrPaths) -> ReaderFunction | None:
     """
     try:
         from ..io import detect_backend
+        from .results import is_run_folder
 
         paths = _as_list(path)
         if not paths:
             return None
+        if all(is_run_folder(p) for p in paths):
+            return read_runs
         for p in paths:
             if detect_backend(p) is None:
                 return None
@@ -57,6 +60,25 @@ def get_reader(path: PathOrPaths) -> ReaderFunction | None:
         log.debug("get_reader(%r) failed", path, exc_info=True)
         return None
     return read_paths
+
+
+def read_runs(path: PathOrPaths) -> list[LayerDataTuple]:
+    """Layers of run folders written by the engine (``napari-histo-ai predict``)."""
+    from .results import run_folder_layers
+
+    layers: list[LayerDataTuple] = []
+    for p in _as_list(path):
+        try:
+            layers.extend(run_folder_layers(p))
+        except HistoAIError:
+            raise
+        except Exception as exc:
+            raise ImageReadError(
+                p,
+                f"could not read this run folder: {type(exc).__name__}: {exc}",
+                "run the model again into a new folder",
+            ) from exc
+    return layers
 
 
 def read_paths(path: PathOrPaths) -> list[LayerDataTuple]:

@@ -328,3 +328,61 @@ def describe_aggregates(aggregates: dict[str, dict[str, Any]]) -> str:
             text = f"{cls} ({score:.2f})" if cls is not None and score is not None else "no tiles"
         lines.append(f"{name}: {text}, {agg.get('method')} over {n} tiles")
     return "\n".join(lines)
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder written by the engine (cheap: reads one JSON)."""
+    import json
+
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and "napari_histo_ai" in attrs
+
+
+def run_folder_layers(path: str | Path) -> list[LayerDataTuple]:
+    """All layers of a finished (or partial) run folder, as the widget shows them.
+
+    This is how CLI results (``napari-histo-ai predict``) open in napari: open the slide,
+    then the ``.zarr`` run folder, and the layers land over it.
+    """
+    import zarr
+
+    from ..inference.engine import run_geometry
+    from ..inference.geojson import read_objects
+
+    group = zarr.open_group(str(path), mode="r")
+    record = dict(group.attrs["napari_histo_ai"])
+    spec = ModelSpec.from_dict(record["spec"], source=str(path))
+    geo = run_geometry(record)
+    geometry = {o.name: geo for o in spec.outputs}
+    image = Path(str(record["image"])).name
+    n_plane = len(record.get("planes", []))
+    plane_scale = (1.0,) * n_plane
+    layers: list[LayerDataTuple] = []
+    if spec.dense:
+        layers += dense_layers(path, spec, geometry, image=image, plane_scale=plane_scale)
+        for out in spec.outputs:
+            file = Path(path) / f"{out.name}.geojson"
+            if out.kind in ("points", "boxes") and file.is_file():
+                objs = read_objects(file, kind=out.kind, classes=out.classes, n_plane=n_plane)
+                layers.append(
+                    object_layer(
+                        objs, spec, out, geo, image=image, plane_scale=plane_scale, run=path
+                    )
+                )
+    else:
+        import json
+
+        summary = Path(path) / "summary.json"
+        aggregates = (
+            json.loads(summary.read_text()).get("aggregates") if summary.is_file() else None
+        )
+        layers += tile_layers(
+            path, spec, geometry, aggregates, image=image, plane_scale=plane_scale
+        )
+    return layers

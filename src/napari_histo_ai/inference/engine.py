@@ -617,6 +617,12 @@ def run_model(
         "prob_channels": prob_channels,
         "size_channels": size_channels,
         "planes": list(plane_shape),
+        "geometry": {
+            "scale": list(geo.scale),
+            "translate": list(geo.translate),
+            "pixel": list(geo.pixel),
+            "unit": geo.unit,
+        },
     }
     group = None
     created = False
@@ -1077,6 +1083,17 @@ def run_model(
         aggregates=aggregates,
         summary=summary,
         planes=plane_shape,
+    )
+
+
+def run_geometry(record: dict[str, Any]) -> Geometry:
+    """The `Geometry` saved in a run folder's record (``group.attrs["napari_histo_ai"]``)."""
+    g = record["geometry"]
+    return Geometry(
+        (float(g["scale"][0]), float(g["scale"][1])),
+        (float(g["translate"][0]), float(g["translate"][1])),
+        (float(g["pixel"][0]), float(g["pixel"][1])),
+        str(g["unit"]),
     )
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .objects import Objects
 from .store import write_json_atomic
@@ -51,3 +54,41 @@ def write_objects(
     """Write `objects_to_geojson` to ``path`` atomically."""
     write_json_atomic(Path(path), objects_to_geojson(objects, pixel_size=pixel_size))
     return Path(path)
+
+
+def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: int = 0) -> Objects:
+    """Read a GeoJSON written by `write_objects` back into `Objects` (level-0 pixels).
+
+    Raises
+    ------
+    ValueError
+        The file is not a FeatureCollection of the expected geometry.
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("type") != "FeatureCollection":
+        raise ValueError(f"{path}: not a GeoJSON FeatureCollection")
+    rows, scores, labels = [], [], []
+    index = {c: i for i, c in enumerate(classes)}
+    for feature in data.get("features", []):
+        geometry = feature.get("geometry") or {}
+        props = feature.get("properties") or {}
+        plane = [float(v) for v in props.get("plane", [])][:n_plane]
+        plane += [0.0] * (n_plane - len(plane))
+        if kind == "points":
+            x, y = geometry["coordinates"][:2]
+            rows.append([*plane, float(y), float(x)])
+        else:
+            ring = np.asarray(geometry["coordinates"][0], dtype=float)
+            rows.append(
+                [*plane, ring[:, 1].min(), ring[:, 0].min(), ring[:, 1].max(), ring[:, 0].max()]
+            )
+        scores.append(float(props.get("score", 1.0)))
+        labels.append(index.get(props.get("class"), 0))
+    width = n_plane + (2 if kind == "points" else 4)
+    return Objects(
+        kind,
+        np.asarray(rows, dtype=float).reshape(-1, width),
+        np.asarray(scores, dtype=float),
+        np.asarray(labels, dtype=np.int64),
+        classes,
+    )
