@@ -54,7 +54,7 @@ def test_dense_outputs_become_image_labels_points_and_shapes(tmp_path: Path) -> 
     assert prob_kw["units"] == ("um", "um")
     level0 = prob_data[0] if isinstance(prob_data, list) else prob_data
     p = np.asarray(level0)
-    assert p.dtype == np.float32 and 0 <= p.min() and p.max() <= 1
+    assert p.dtype == np.float32 and p.min() >= 0 and p.max() <= 1
     mask_data = layers[1][0]
     m = np.asarray(mask_data[0] if isinstance(mask_data, list) else mask_data)
     np.testing.assert_array_equal(m, (p >= 128 / 255 - 1e-6).astype(np.uint8))

@@ -83,7 +83,7 @@ def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: in
                 [*plane, ring[:, 1].min(), ring[:, 0].min(), ring[:, 1].max(), ring[:, 0].max()]
             )
         scores.append(float(props.get("score", 1.0)))
-        labels.append(index.get(props.get("class"), 0))
+        labels.append(index.get(str(props.get("class")), 0))
     width = n_plane + (2 if kind == "points" else 4)
     return Objects(
         kind,
