@@ -546,3 +546,37 @@ def test_a_stack_runs_plane_by_plane(tmp_path: Path) -> None:
     for z in range(3):
         oracle = whole_oracle(net, vol[z][..., None], 40)[:, 40:110, 40:90]
         np.testing.assert_allclose(got[:, z], np.clip(oracle, 0, 1), atol=0.5 / 255 + 1e-5)
+
+
+def test_out_of_memory_halves_the_batch(tmp_path: Path) -> None:
+    """A device that cannot hold a full batch still finishes, with smaller batches."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    spec = make_spec(patch=40, halo=4, overlap=8)
+    net = TinyFCN(3, 2, depth=1)
+    sizes: list[int] = []
+
+    class Small(TorchPredictor):
+        def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+            sizes.append(len(batch))
+            if len(batch) > 2:
+                raise oom("CUDA out of memory (simulated)")
+            return super().__call__(batch)
+
+    pyramid = make_pyramid(np.random.default_rng(0).random((100, 100, 3)).astype(np.float32))
+    ref = run_model_sync(
+        pyramid,
+        TorchPredictor(net, spec, torch.device("cpu")),
+        tmp_path / "a.zarr",
+        config=RunConfig(tissue=False, batch_size=2),
+    )
+    got = run_model_sync(
+        pyramid,
+        Small(net, spec, torch.device("cpu")),
+        tmp_path / "b.zarr",
+        config=RunConfig(tissue=False, batch_size=8),
+    )
+    assert got.complete and max(sizes) == 8 and 2 in sizes
+    np.testing.assert_array_equal(
+        probability(tmp_path / "a.zarr"), probability(tmp_path / "b.zarr")
+    )
+    assert ref.complete

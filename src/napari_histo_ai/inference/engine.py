@@ -1104,17 +1104,35 @@ def _inside(key: tuple[int, ...], shape: tuple[int, ...]) -> bool:
 def _forward(
     predictor: Predictor, x: np.ndarray, spec: ModelSpec, prob_channels: list[int]
 ) -> np.ndarray:
+    """Model + activation on one batch; on a GPU out-of-memory, halve the batch and retry."""
     import torch
 
-    batch = torch.from_numpy(x)
-    if predictor.device.type != "cpu":
-        batch = batch.pin_memory().to(predictor.device, non_blocking=True)
-    with torch.inference_mode():
-        y = predictor(batch)
-        y = _apply_activation(
-            y.float(), spec, prob_channels if spec.dense else list(range(y.shape[1]))
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    try:
+        batch = torch.from_numpy(x)
+        if predictor.device.type == "cuda":
+            batch = batch.pin_memory().to(predictor.device, non_blocking=True)
+        with torch.inference_mode():
+            y = predictor(batch)
+            y = _apply_activation(
+                y.float(), spec, prob_channels if spec.dense else list(range(y.shape[1]))
+            )
+        return y.cpu().numpy()
+    except oom:
+        if len(x) == 1:
+            raise ModelInputError(
+                f"model '{spec.name}' runs out of {predictor.device} memory on a single "
+                f"{spec.io.patch_size}² tile; free the GPU or choose device cpu"
+            ) from None
+        if predictor.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(x) // 2
+        return np.concatenate(
+            [
+                _forward(predictor, x[:half], spec, prob_channels),
+                _forward(predictor, x[half:], spec, prob_channels),
+            ]
         )
-    return y.cpu().numpy()
 
 
 def run_model_sync(
