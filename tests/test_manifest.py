@@ -66,7 +66,10 @@ def test_contributions(manifest):
     assert reader.accepts_directories
     (sample,) = contributions.sample_data or []
     assert sample.display_name == "CMU-1 small region (Aperio SVS, 0.499 µm/px)"
-    assert [w.display_name for w in contributions.widgets or []] == ["Open slide / volume"]
+    assert [w.display_name for w in contributions.widgets or []] == [
+        "Open slide / volume",
+        "Run model",
+    ]
     command_ids = {c.id for c in contributions.commands or []}
     assert {reader.command, sample.command} | {w.command for w in contributions.widgets} <= (
         command_ids

@@ -741,6 +741,45 @@ def run_model(
     def threshold_of(o: OutputSpec) -> float:
         return config.threshold if config.threshold is not None else o.threshold
 
+    # recently finished cells (uint8, as stored), so objects need no read-back from disk
+    recent: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+    recent_budget = 0
+    if spec.dense:
+        assert isinstance(grid, DenseGrid)
+        recent_budget = max(16, int(24e6 // max(1, len(prob_channels) * grid.cell_size**2)))
+
+    def remember(key: tuple[int, ...], stored: np.ndarray) -> None:
+        if not object_outputs:
+            return
+        recent[key] = stored
+        while len(recent) > recent_budget:
+            recent.popitem(last=False)
+
+    def gather(plane: tuple[int, ...], y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """Probabilities (K, h, w) float32 of an output box clipped to the output,
+        from the recent cells where possible, else from disk."""
+        assert dense_out is not None and isinstance(grid, DenseGrid)
+        cs = grid.cell_size
+        oh, ow = grid.output_shape
+        y0, x0, y1, x1 = max(0, y0), max(0, x0), min(oh, y1), min(ow, x1)
+        block = np.zeros((len(prob_channels), y1 - y0, x1 - x0), dtype=np.uint8)
+        for ci in range(y0 // cs, (y1 - 1) // cs + 1):
+            for cj in range(x0 // cs, (x1 - 1) // cs + 1):
+                ry0, rx0 = max(y0, ci * cs), max(x0, cj * cs)
+                ry1, rx1 = min(y1, (ci + 1) * cs), min(x1, (cj + 1) * cs)
+                cell = recent.get((*plane, ci, cj))
+                if cell is not None:
+                    part = cell[:, ry0 - ci * cs : ry1 - ci * cs, rx0 - cj * cs : rx1 - cj * cs]
+                elif cells_done[(*plane, ci, cj)]:
+                    part = dense_out.read_cell_region(plane, ry0, rx0, ry1, rx1)
+                else:
+                    continue  # never computed: zeros
+                block[:, ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = part
+        return block.astype(np.float32) / 255.0
+
+    def footprint_final(pl: tuple[int, ...], r0: int, c0: int, r1: int, c1: int) -> bool:
+        return not bool((remaining[(*pl, slice(r0, r1), slice(c0, c1))] > 0).any())
+
     def extract(key: tuple[int, ...]) -> dict[str, Objects]:
         assert dense_out is not None and isinstance(grid, DenseGrid)
         plane, (ci, cj) = key[:-2], key[-2:]
@@ -752,7 +791,7 @@ def run_model(
             y0, x0 = ci * cs - margin, cj * cs - margin
             y1, x1 = (ci + 1) * cs + margin, (cj + 1) * cs + margin
             cy0, cx0 = max(0, y0), max(0, x0)
-            block = dense_out.read_cell_region(plane, y0, x0, y1, x1)
+            block = gather(plane, y0, x0, y1, x1)
             chans = [prob_index[c] for c in o.channels]
             core = (ci * cs - cy0, cj * cs - cx0, (ci + 1) * cs - cy0, (cj + 1) * cs - cx0)
             peaks, scores, labels = find_peaks(
@@ -876,9 +915,15 @@ def run_model(
                         acc, wsum = pending.pop(key)
                         value = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
                         npb = len(prob_channels)
-                        dense_out.write_cell(
-                            plane, ci, cj, value[:npb], value[npb:] if size_channels else None
+                        stored = dense_out.write_cell(
+                            plane,
+                            ci,
+                            cj,
+                            value[:npb],
+                            value[npb:] if size_channels else None,
+                            footprint_final=footprint_final,
                         )
+                        remember(key, stored)
                         cells_done[key] = True
                         finished.append(key)
         if object_outputs:
@@ -1002,6 +1047,8 @@ def run_model(
         for w in writes:
             w.result()
         writer.shutdown(wait=True)
+        if dense_out is not None:
+            dense_out.flush()
         save_state()
         if pending is not None:
             pending.clear()

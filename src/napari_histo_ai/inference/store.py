@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,10 @@ class DenseOutput:
                 )
         self.prob = [group["probability"][str(k)] for k in range(n_levels)]
         self.sizes = group["sizes"]["0"] if n_sizes else None
+        # lower-level chunks being filled, oldest first: (level, plane, row, col) -> data
+        self._lower: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._flushed: set[tuple[Any, ...]] = set()
+        self._lower_budget = max(8, int(16e6 // max(1, n_prob * cell_size * cell_size)))
 
     def cell_slices(self, ci: int, cj: int) -> tuple[slice, slice]:
         cs = self.cell_size
@@ -204,36 +209,91 @@ class DenseOutput:
         )
 
     def write_cell(
-        self, plane: tuple[int, ...], ci: int, cj: int, prob: np.ndarray, sizes: np.ndarray | None
-    ) -> None:
+        self,
+        plane: tuple[int, ...],
+        ci: int,
+        cj: int,
+        prob: np.ndarray,
+        sizes: np.ndarray | None,
+        *,
+        footprint_final: Callable[[tuple[int, ...], int, int, int, int], bool] | None = None,
+    ) -> np.ndarray:
         """Write one final cell: ``prob`` (K, h, w) in [0, 1] and optional ``sizes``.
 
-        Also writes the cell's 2x, 4x, ... mean-downsampled versions into levels 1..n.
+        Level 0 is written at once. The cell's 2x, 4x, ... mean-downsampled versions go
+        to levels 1..n through an in-memory buffer of lower-level chunks: a chunk is
+        written whole once ``footprint_final(plane, r0, c0, r1, c1)`` says every level-0
+        cell under it is final (or never will be computed), or when the buffer is over
+        its budget, or at `flush`. This saves a read-modify-write per level per cell.
+
+        Returns
+        -------
+        numpy.ndarray
+            The quantised uint8 cell (K, h, w) as stored.
         """
         ys, xs = self.cell_slices(ci, cj)
         h, w = ys.stop - ys.start, xs.stop - xs.start
         prob = prob[:, :h, :w]
         pl = tuple(plane)
-        self.prob[0][(slice(None), *pl, ys, xs)] = _quantise(prob)
+        stored = _quantise(prob)
+        self.prob[0][(slice(None), *pl, ys, xs)] = stored
         if self.sizes is not None and sizes is not None:
             self.sizes[(slice(None), *pl, ys, xs)] = sizes[:, :h, :w].astype(np.float32)
         cur = prob
+        cs = self.cell_size
         for k in range(1, self.n_levels):
             cur = _mean2(cur)
             f = 2**k
-            y0, x0 = ys.start // f, xs.start // f
-            self.prob[k][
-                (slice(None), *pl, slice(y0, y0 + cur.shape[1]), slice(x0, x0 + cur.shape[2]))
-            ] = _quantise(cur)
+            key = (k, pl, ci // f, cj // f)
+            entry = self._lower.get(key)
+            if entry is None:
+                entry = (
+                    np.zeros((prob.shape[0], cs, cs), dtype=np.uint8),
+                    np.zeros((cs, cs), dtype=bool),
+                )
+                self._lower[key] = entry
+            buf, covered = entry
+            y0, x0 = (ci % f) * (cs // f), (cj % f) * (cs // f)
+            hh, ww = cur.shape[1], cur.shape[2]
+            buf[:, y0 : y0 + hh, x0 : x0 + ww] = _quantise(cur)
+            covered[y0 : y0 + hh, x0 : x0 + ww] = True
+            if footprint_final is not None and footprint_final(
+                pl, (ci // f) * f, (cj // f) * f, (ci // f + 1) * f, (cj // f + 1) * f
+            ):
+                self._flush_chunk(key)
+        while len(self._lower) > self._lower_budget:
+            self._flush_chunk(next(iter(self._lower)))
+        return stored
+
+    def _flush_chunk(self, key: tuple[Any, ...]) -> None:
+        k, pl, cy, cx = key
+        buf, covered = self._lower.pop(key)
+        arr = self.prob[k]
+        cs = self.cell_size
+        ys = slice(cy * cs, min(arr.shape[-2], (cy + 1) * cs))
+        xs = slice(cx * cs, min(arr.shape[-1], (cx + 1) * cs))
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        sel = (slice(None), *pl, ys, xs)
+        data = buf[:, :h, :w]
+        if key in self._flushed:  # an earlier partial flush: keep what it wrote
+            old = np.asarray(arr[sel])
+            cov = covered[:h, :w]
+            data = np.where(cov[None], data, old)
+        arr[sel] = data
+        self._flushed.add(key)
+
+    def flush(self) -> None:
+        """Write every buffered lower-level chunk (at the end of a run or on cancel)."""
+        while self._lower:
+            self._flush_chunk(next(iter(self._lower)))
 
     def read_cell_region(
         self, plane: tuple[int, ...], y0: int, x0: int, y1: int, x1: int
     ) -> np.ndarray:
-        """Probabilities (K, h, w) float32 of a level-0 output box, clipped to the output."""
+        """Quantised probabilities (K, h, w) uint8 of a level-0 output box, clipped."""
         y0, x0 = max(0, y0), max(0, x0)
         y1, x1 = min(self.shape[0], y1), min(self.shape[1], x1)
-        raw = self.prob[0][(slice(None), *plane, slice(y0, y1), slice(x0, x1))]
-        return np.asarray(raw, dtype=np.float32) / 255.0
+        return np.asarray(self.prob[0][(slice(None), *plane, slice(y0, y1), slice(x0, x1))])
 
 
 def _quantise(p: np.ndarray) -> np.ndarray:
