@@ -778,7 +778,8 @@ def run_model(
         return block.astype(np.float32) / 255.0
 
     def footprint_final(pl: tuple[int, ...], r0: int, c0: int, r1: int, c1: int) -> bool:
-        return not bool((remaining[(*pl, slice(r0, r1), slice(c0, c1))] > 0).any())
+        window: tuple[Any, ...] = (*pl, slice(r0, r1), slice(c0, c1))
+        return not bool((remaining[window] > 0).any())
 
     def extract(key: tuple[int, ...]) -> dict[str, Objects]:
         assert dense_out is not None and isinstance(grid, DenseGrid)
