@@ -144,3 +144,21 @@ def test_a_cli_run_folder_opens_as_the_same_layers(tmp_path: Path) -> None:
     ]
     np.testing.assert_allclose(layers[1][0], result.objects["centres"].coords)
     assert get_reader(str(tmp_path)) is None  # a plain folder is not ours
+
+
+def test_viewport_box_is_the_visible_part_in_level0_pixels() -> None:
+    import napari
+
+    from napari_histo_ai._napari.run import viewport_box
+
+    viewer = napari.components.ViewerModel()
+    pyramid = make_pyramid(np.zeros((1000, 2000, 3), np.uint8), mpp=0.5)
+    layer = viewer.add_image(np.asarray(pyramid.levels[0]), rgb=True, scale=(0.5, 0.5))
+    viewer._canvas_size = (100, 200)
+    viewer.scene.camera.center = (100.0, 200.0)  # µm
+    viewer.scene.camera.zoom = 2.0  # screen px per µm: 50 x 100 µm visible
+    top, left, height, width = viewport_box(viewer, pyramid, layer)
+    assert (top, left) == pytest.approx((150, 300), abs=1)
+    assert (height, width) == pytest.approx((100, 200), abs=1)
+    viewer.scene.camera.center = (5000.0, 5000.0)
+    assert viewport_box(viewer, pyramid, layer) is None

@@ -148,6 +148,91 @@ def measure_gui_stall(
     }
 
 
+def measure_viewer_stall(
+    path: str | os.PathLike[str],
+    model: str,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    interval_ms: int = 5,
+    pan_ms: int = 100,
+    timeout_s: float = 1800.0,
+) -> dict[str, Any]:
+    """The same measurement with the real app: a napari viewer showing the slide, the
+    "Run model" widget running the whole slide, its layers refreshing, and the camera
+    panning every ``pan_ms`` (what a user does while tiles fill in). Needs a display
+    (run under Xvfb on a headless machine).
+    """
+    import napari
+    import numpy as np
+    from qtpy import API_NAME
+    from qtpy.QtCore import QEventLoop, Qt, QTimer
+
+    from .run_widget import RunModelWidget
+
+    viewer = napari.Viewer(show=True)
+    ticks: list[float] = []
+    try:
+        viewer.window.resize(1400, 900)
+        viewer.open(str(path), plugin="napari-histo-ai")
+        with tempfile.TemporaryDirectory(prefix="histo-stall-") as tmp:
+            widget = RunModelWidget(viewer, run_root=Path(tmp))
+            viewer.window.add_dock_widget(widget)
+            widget.model_combo.setCurrentText(model)
+            widget.region_combo.setCurrentText("Whole image")
+            widget.device_combo.setCurrentText(device)
+            widget.batch_spin.setValue(batch_size or 0)
+            loop = QEventLoop()
+            timer = QTimer()
+            timer.setTimerType(Qt.TimerType.PreciseTimer)
+            timer.setInterval(interval_ms)
+            timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+            extent = np.asarray(viewer.layers[0].extent.world)
+            rng = np.random.default_rng(0)
+
+            camera = getattr(viewer, "scene", viewer).camera
+
+            def pan() -> None:
+                lo, hi = extent[0][-2:], extent[1][-2:]
+                camera.center = tuple(lo + rng.random(2) * (hi - lo))
+                camera.zoom = float(rng.choice([0.5, 1.0, 2.0, 4.0]))
+
+            panner = QTimer()
+            panner.setInterval(pan_ms)
+            panner.timeout.connect(pan)
+            start = time.perf_counter()
+            timer.start()
+            if pan_ms > 0:
+                panner.start()
+            worker = widget.run()
+            if worker is None:
+                raise RuntimeError(widget.status_label.text())
+            worker.finished.connect(loop.quit)
+            QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+            loop.exec()
+            run_s = time.perf_counter() - start
+            timer.stop()
+            panner.stop()
+            result = widget.result
+            if result is None:
+                raise RuntimeError(f"the run did not finish: {widget.status_label.text()}")
+    finally:
+        viewer.close()
+    gaps = np.diff(np.asarray(ticks)) * 1e3 if len(ticks) > 1 else np.zeros(1)
+    return {
+        "max_gui_stall_ms": round(max(0.0, float(gaps.max()) - interval_ms), 2),
+        "p99_gap_ms": round(float(np.percentile(gaps, 99)), 2),
+        "median_gap_ms": round(float(np.median(gaps)), 2),
+        "n_ticks": len(ticks),
+        "run_s": round(run_s, 3),
+        "tiles": result.tiles_done,
+        "interval_ms": interval_ms,
+        "pan_ms": pan_ms,
+        "qt_api": API_NAME,
+        "mode": "viewer",
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m napari_histo_ai.widgets._stall PATH --model NAME``: print one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m napari_histo_ai.widgets._stall")
@@ -157,6 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--interval-ms", type=int, default=5)
+    parser.add_argument(
+        "--pan-ms", type=int, default=100, help="viewer mode: pan every N ms (0: never)"
+    )
+    parser.add_argument(
+        "--viewer",
+        action="store_true",
+        help="measure with a real viewer and the Run model widget on the whole slide, "
+        "panning while it runs (needs a display or xvfb-run)",
+    )
     args = parser.parse_args(argv)
     try:
         import napari.qt.threading  # noqa: F401
@@ -164,6 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # no Qt binding, no display plugin, no napari
         message = f"Qt is not available: {type(exc).__name__}: {exc}"
         print(json.dumps({"max_gui_stall_ms": None, "error": message}))
+        return 0
+    if args.viewer:
+        print(
+            json.dumps(
+                measure_viewer_stall(
+                    args.path,
+                    args.model,
+                    device=args.device,
+                    batch_size=args.batch_size,
+                    interval_ms=args.interval_ms,
+                    pan_ms=args.pan_ms,
+                )
+            )
+        )
         return 0
     result = measure_gui_stall(
         args.path,

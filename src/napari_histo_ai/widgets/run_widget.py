@@ -287,14 +287,29 @@ class RunModelWidget(QWidget):
             self._set_status("cancelling after this batch…")
             self.cancel_button.setEnabled(False)
 
+    #: seconds between two refreshes of the live layers (each costs the GUI thread a
+    #: re-slice and a redraw, so not after every batch)
+    REFRESH_S = 1.0
+    #: seconds between two updates of the object layers (all points are re-set)
+    OBJECTS_S = 3.0
+
     def _on_progress(self, progress: Progress) -> None:
         if progress.path is not None:
             self._add_result_layers(progress)
-        self._add_objects(progress.new_objects)
+        waiting = self._job.setdefault("waiting_objects", {})
+        for name, objs in progress.new_objects.items():
+            if name in waiting:
+                waiting[name].extend(objs)
+            else:
+                waiting[name] = objs
         self.progress.setRange(0, max(1, progress.total))
         self.progress.setValue(progress.done)
         now = time.perf_counter()
-        if now - self._last_refresh > 0.5 or progress.done >= progress.total:
+        finished = progress.done >= progress.total
+        if now - self._job.get("objects_at", 0.0) > self.OBJECTS_S or finished:
+            self._job["objects_at"] = now
+            self._add_objects(self._job.pop("waiting_objects"))
+        if now - self._last_refresh > self.REFRESH_S or finished:
             self._last_refresh = now
             for layer in self._job_layers.values():
                 if layer.metadata.get("kind") in ("probability", "mask"):
@@ -379,6 +394,7 @@ class RunModelWidget(QWidget):
     def _on_done(self, result: RunResult) -> None:
         from .._napari.results import describe_aggregates, tile_layers
 
+        self._add_objects(self._job.pop("waiting_objects", {}))
         spec = result.spec
         if not spec.dense and self._job.get("geometry"):
             for data, kwargs, kind in tile_layers(
