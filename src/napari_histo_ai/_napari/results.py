@@ -181,8 +181,7 @@ def object_layer(
             "features": features,
             "size": size_px * scale[-1],
             "face_color": np.asarray(colours).reshape(-1, 4) if colours else "transparent",
-            "border_color": "black",
-            "border_width": 0.05,
+            "border_width": 0,
             "metadata": meta,
             "ndim": 2 + len(plane_scale),
         }
