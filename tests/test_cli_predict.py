@@ -326,3 +326,22 @@ def test_local_cluster_reports_a_failing_input_and_finishes_the_rest(slides, tmp
     assert str(missing) in one_error_line(captured.err)
     good, bad = json.loads(captured.out)["runs"]
     assert good["complete"] is True and bad["error"]
+
+
+def test_train_default_names_a_missing_data_folder(tmp_path, capsys) -> None:
+    from napari_histo_ai.cli import main
+
+    status = main(
+        [
+            "train-default",
+            "nuclei",
+            "--data",
+            str(tmp_path / "absent"),
+            "--out",
+            str(tmp_path / "w.safetensors"),
+        ]
+    )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "absent" in err
+    assert not (tmp_path / "w.safetensors").exists()

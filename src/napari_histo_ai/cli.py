@@ -286,6 +286,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     raise HistoAIError(f"unknown benchmark {args.what!r}: expected one of: read, infer")
 
 
+def _cmd_train_default(args: argparse.Namespace) -> int:
+    from .training import nuclei
+
+    argv = ["--data", str(args.data), "--out", str(args.out), "--seed", str(args.seed)]
+    if args.epochs is not None:
+        argv += ["--epochs", str(args.epochs)]
+    return nuclei.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-histo-ai",
@@ -320,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models with their cards")
     p.add_argument("--json", action="store_true", help="print JSON (models and registry problems)")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser(
+        "train-default",
+        help="reproduce a shipped weights file from the real data (seeded)",
+    )
+    p.add_argument("task", choices=["nuclei"], help="nuclei: nuclei-unet on miccai_nuclei_seg")
+    p.add_argument("--data", required=True, help="the training data folder")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="default: as shipped")
+    p.set_defaults(func=_cmd_train_default)
 
     p = sub.add_parser(
         "predict",
