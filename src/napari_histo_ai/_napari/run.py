@@ -83,6 +83,7 @@ def run_job(request: JobRequest, cancel: threading.Event) -> Generator[Progress,
     # modules the result layers need (napari features use pandas): importing them here,
     # in the worker thread, keeps a 0.4 s import off the GUI thread when layers appear
     import pandas  # noqa: F401
+    import scipy.linalg  # noqa: F401  (napari's label colormaps)
     import skimage.feature  # noqa: F401
 
     from ..models.loading import load_model
