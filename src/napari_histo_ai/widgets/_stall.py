@@ -28,6 +28,19 @@ from pathlib import Path
 from typing import Any
 
 
+def _gap_stats(ticks: list[float], interval_ms: int) -> dict[str, Any]:
+    """Longest stall (gap minus the timer interval), p99 and median gap of timer ticks."""
+    import numpy as np
+
+    gaps = np.diff(np.asarray(ticks)) * 1e3 if len(ticks) > 1 else np.zeros(1)
+    return {
+        "max_gui_stall_ms": round(max(0.0, float(gaps.max()) - interval_ms), 2),
+        "p99_gap_ms": round(float(np.percentile(gaps, 99)), 2),
+        "median_gap_ms": round(float(np.median(gaps)), 2),
+        "n_ticks": len(ticks),
+    }
+
+
 def measure_gui_stall(
     path: str | os.PathLike[str],
     model: str,
@@ -67,7 +80,6 @@ def measure_gui_stall(
     RuntimeError
         The run failed in the worker, or did not end within ``timeout_s``.
     """
-    import numpy as np
     from napari.qt.threading import create_worker
     from qtpy import API_NAME
     from qtpy.QtCore import QEventLoop, Qt, QTimer
@@ -133,13 +145,9 @@ def measure_gui_stall(
     if "error" in outcome:
         exc = outcome["error"]
         raise RuntimeError(f"the run failed in the worker: {type(exc).__name__}: {exc}")
-    gaps = np.diff(np.asarray(ticks)) * 1e3 if len(ticks) > 1 else np.zeros(1)
     result: RunResult = outcome["result"]
     return {
-        "max_gui_stall_ms": round(max(0.0, float(gaps.max()) - interval_ms), 2),
-        "p99_gap_ms": round(float(np.percentile(gaps, 99)), 2),
-        "median_gap_ms": round(float(np.median(gaps)), 2),
-        "n_ticks": len(ticks),
+        **_gap_stats(ticks, interval_ms),
         "run_s": round(run_s, 3),
         "tiles": result.tiles_done,
         "progress_events": progress_events[0],
@@ -218,12 +226,8 @@ def measure_viewer_stall(
                 raise RuntimeError(f"the run did not finish: {widget.status_label.text()}")
     finally:
         viewer.close()
-    gaps = np.diff(np.asarray(ticks)) * 1e3 if len(ticks) > 1 else np.zeros(1)
     return {
-        "max_gui_stall_ms": round(max(0.0, float(gaps.max()) - interval_ms), 2),
-        "p99_gap_ms": round(float(np.percentile(gaps, 99)), 2),
-        "median_gap_ms": round(float(np.median(gaps)), 2),
-        "n_ticks": len(ticks),
+        **_gap_stats(ticks, interval_ms),
         "run_s": round(run_s, 3),
         "tiles": result.tiles_done,
         "interval_ms": interval_ms,
