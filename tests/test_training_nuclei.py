@@ -193,20 +193,19 @@ def test_tiny_training_writes_loadable_weights_and_a_record(miccai: Path) -> Non
 
 
 def test_shipped_weights_segment_real_nuclei() -> None:
-    """One forward pass of the packaged model over held-out image03 at 0.5 µm/px."""
+    """One forward pass of the packaged model, loaded through the registry as users get
+    it, over held-out image03 at 0.5 µm/px."""
     folder = real("miccai_nuclei_seg")
-    if not WEIGHTS.exists():
-        pytest.skip(f"{WEIGHTS} not trained yet")
-    from safetensors.torch import load_file
-
-    from napari_histo_ai.models.architectures.unet import UNet
+    from napari_histo_ai.models.loading import load_model
+    from napari_histo_ai.models.registry import load_registry
     from napari_histo_ai.training.nuclei import predict_probability
 
     record = json.loads(WEIGHTS.with_suffix(".json").read_text())
     assert "image03" in record["split"]["validation"]
     assert WEIGHTS.stat().st_size < 2_000_000
-    model = UNet(**record["kwargs"])
-    model.load_state_dict(load_file(WEIGHTS), strict=True)
+    spec = load_registry(user_dir=Path("/nonexistent"), entry_points=False).get("nuclei-unet")
+    assert spec.weights == WEIGHTS.resolve() and dict(spec.kwargs) == record["kwargs"]
+    model = load_model(spec, device="cpu").module
     (sample,) = load_miccai_nuclei(folder, mpp=0.5, names=["image03"])
     probability = predict_probability(model, sample.image)
     assert probability.shape == sample.mask.shape

@@ -130,7 +130,6 @@ class Progress:
     eta_s: float | None
     message: str = ""
     new_objects: dict[str, Objects] = field(default_factory=dict)
-    changed: bool = True
     #: set on the first record only: the run folder and where each output lies
     path: Path | None = None
     geometry: dict[str, Geometry] | None = None

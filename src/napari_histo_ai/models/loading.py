@@ -467,8 +467,9 @@ def _load_state(
     expected = module.state_dict()
     state = dict(state)
     for key in expected:
-        # BatchNorm's step counter only matters for training with momentum=None; files
-        # saved without it (float-only safetensors) are complete for inference
+        # BatchNorm's step counter (only used when training with momentum=None): float-only
+        # safetensors files lack it, and torch's own loader accepts that; keep our key
+        # check from calling it missing
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = expected[key]
     missing = [k for k in expected if k not in state]
