@@ -16,6 +16,8 @@ from napari_histo_ai.cli import main
 from napari_histo_ai.inference.batch import image_stem, predict_paths, run_folder
 from napari_histo_ai.inference.engine import RunConfig
 
+from .conftest import real
+
 MODEL = "tiny-nuclei"
 
 MODEL_YAML = f"""
@@ -345,3 +347,44 @@ def test_train_default_names_a_missing_data_folder(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error:") and "absent" in err
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_train_default_lists_every_paper_task(capsys) -> None:
+    from napari_histo_ai.cli import main
+    from napari_histo_ai.training.defaults import TASKS
+
+    with pytest.raises(SystemExit):
+        main(["train-default", "no-such-task", "--data", ".", "--out", "x"])
+    err = capsys.readouterr().err
+    tasks = ("nuclei", "mitosis", "idc", "tissue", "breakhis", "mri", "mammogram", "magnification")
+    for name in tasks:
+        assert name in TASKS and name in err
+
+
+def test_evaluate_prints_the_held_out_metrics_of_the_shipped_model(tmp_path, capsys) -> None:
+    from napari_histo_ai.cli import main
+
+    data = real("miccai_nuclei_seg")
+    out = tmp_path / "metrics.json"
+    status = main(
+        ["evaluate", "--model", "nuclei-unet", "--data", str(data), "--json-out", str(out)]
+    )
+    assert status == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads(out.read_text())
+    assert set(result["per_image"]) == {"image03", "image11"}
+    # the card's figures come from the same computation
+    from napari_histo_ai.models.registry import load_registry
+
+    card = load_registry().get("nuclei-unet").card.metrics
+    assert result["per_image"]["image03"]["dice"] == pytest.approx(card["dice_image03_20x"])
+
+
+def test_evaluate_names_an_unknown_model_and_a_missing_folder(tmp_path, capsys) -> None:
+    from napari_histo_ai.cli import main
+
+    assert main(["evaluate", "--model", "no-such", "--data", str(tmp_path)]) == 2
+    assert "no-such" in capsys.readouterr().err
+    status = main(["evaluate", "--model", "nuclei-unet", "--data", str(tmp_path / "absent")])
+    assert status == 2
+    assert "absent" in capsys.readouterr().err

@@ -580,3 +580,112 @@ def test_out_of_memory_halves_the_batch(tmp_path: Path) -> None:
         probability(tmp_path / "a.zarr"), probability(tmp_path / "b.zarr")
     )
     assert ref.complete
+
+
+# -- stain normalisation: one source fit per run (paper 000) ------------------------------
+
+
+def stained_slide(shape: tuple[int, int] = (160, 200), seed: int = 4) -> np.ndarray:
+    """Synthetic H&E (Beer–Lambert, io 240): H-rich left half, E-rich right half, a
+    background band at the bottom."""
+    rng = np.random.default_rng(seed)
+    h_od = np.array([0.650, 0.704, 0.286])
+    e_od = np.array([0.072, 0.990, 0.105])
+    conc = rng.gamma(3.0, 0.3, size=(*shape, 2))
+    conc[:, : shape[1] // 2, 1] *= 0.3
+    conc[:, shape[1] // 2 :, 0] *= 0.3
+    conc[-30:] = 0.0
+    od = conc @ np.stack([h_od / np.linalg.norm(h_od), e_od / np.linalg.norm(e_od)])
+    return np.clip(np.rint(240 * np.exp(-od) - 1), 0, 255).astype(np.uint8)
+
+
+def stain_spec(fit: str = "slide") -> ModelSpec:
+    d = make_spec(patch=48, halo=4, overlap=8).to_dict()
+    d["io"]["normalisation"] = {"method": "scale", "scale": 255, "stain": {"fit": fit}}
+    d.pop("weights", None)
+    return ModelSpec.from_dict(d)
+
+
+def spy_sources(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    from napari_histo_ai.models import preprocessing
+
+    seen: list[object] = []
+    original = preprocessing.macenko_apply
+
+    def spy(rgb: np.ndarray, target: object, **kw: object) -> np.ndarray:
+        seen.append(kw.get("source"))
+        return original(rgb, target, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(preprocessing, "macenko_apply", spy)
+    return seen
+
+
+def test_one_stain_fit_is_used_for_every_tile_and_kept_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from napari_histo_ai.inference import engine
+    from napari_histo_ai.inference.engine import RECORD_KEY
+
+    seen = spy_sources(monkeypatch)
+    spec = stain_spec()
+    pred = TorchPredictor(TinyFCN(3, 2, depth=1), spec, torch.device("cpu"))
+    pyramid = make_pyramid(stained_slide())
+    config = RunConfig(tissue=False, batch_size=2)
+    out = tmp_path / "run.zarr"
+    res = run_model_sync(pyramid, pred, out, config=config)
+    info = res.summary["stain_source"]
+    assert info["fit"] == "slide" and res.summary["warnings"] == []
+    record = dict(zarr.open_group(str(out), mode="r").attrs[RECORD_KEY])
+    assert record["stain_source"] == info
+    # every tile (H-rich and E-rich ones alike) got the same source fit, the record's
+    assert len(seen) == res.tiles_done
+    first = seen[0]
+    assert first is not None and all(s == first for s in seen)
+    assert [list(v) for v in first.stain_matrix] == info["stain_matrix"]  # type: ignore[attr-defined]
+    assert len(info["regions"]) >= 2
+
+    # a resumed run uses the saved fit, it does not fit again
+    def no_refit(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("the stains were fitted again on resume")
+
+    cancel = threading.Event()
+    calls = []
+
+    def stop(progress: object) -> None:
+        calls.append(progress)
+        if len(calls) == 2:
+            cancel.set()
+
+    out2 = tmp_path / "partial.zarr"
+    partial = run_model_sync(pyramid, pred, out2, config=config, cancel=cancel, on_progress=stop)
+    assert partial.cancelled
+    monkeypatch.setattr(engine, "_fit_slide_stains", no_refit)
+    seen.clear()
+    resumed = run_model_sync(pyramid, pred, out2, config=config)
+    assert resumed.complete and resumed.summary["stain_source"] == info
+    assert seen and all(s == first for s in seen)
+    np.testing.assert_array_equal(probability(out2), probability(out))
+
+
+def test_per_patch_stain_fit_and_fallback_warn_instead_of_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = spy_sources(monkeypatch)
+    pred = TorchPredictor(TinyFCN(3, 2, depth=1), stain_spec("patch"), torch.device("cpu"))
+    res = run_model_sync(
+        make_pyramid(stained_slide()),
+        pred,
+        tmp_path / "patch.zarr",
+        config=RunConfig(tissue=False),
+    )
+    assert res.summary["stain_source"] is None and seen and all(s is None for s in seen)
+    # a single-stain image cannot be fitted: per-patch, with a warning in the summary
+    seen.clear()
+    grey = np.full((120, 120, 3), 120, np.uint8)
+    pred = TorchPredictor(TinyFCN(3, 2, depth=1), stain_spec(), torch.device("cpu"))
+    res = run_model_sync(
+        make_pyramid(grey), pred, tmp_path / "grey.zarr", config=RunConfig(tissue=False)
+    )
+    assert res.complete and res.summary["stain_source"]["fit"] == "patch"
+    assert "per-patch" in res.summary["warnings"][0]
+    assert seen and all(s is None for s in seen)

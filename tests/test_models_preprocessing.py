@@ -143,10 +143,17 @@ def test_apply_maps_to_reference() -> None:
 
 def test_apply_to_its_own_reference_is_near_identity() -> None:
     image = synthetic_he(RUIFROK_H, RUIFROK_E, seed=5)
-    out = macenko_apply(image, macenko_fit(image))
+    # the fit's percentiles are over tissue pixels: applied with the image's own fit as
+    # the source (a quarter of it is background) ...
+    ref = macenko_fit(image)
+    out = macenko_apply(image, ref, source=ref)
     tissue = (image < 200).any(axis=2)
     diff = np.abs(out.astype(int) - image.astype(int))[tissue]
     assert np.median(diff) <= 2
+    # ... and per patch on a patch without background
+    patch = full_tissue(seed=7)
+    out = macenko_apply(patch, macenko_fit(patch))
+    assert np.median(np.abs(out.astype(int) - patch.astype(int))) <= 2
 
 
 @pytest.mark.parametrize(
@@ -206,3 +213,147 @@ def test_apply_is_fast() -> None:
         macenko_apply(patch, StainReference())
     per_patch = (time.perf_counter() - start) / 5
     assert per_patch < 0.1  # ~5 ms on one core; generous for a loaded CI machine
+
+
+def test_whiten_uses_one_mean_and_std_over_all_channels(batch: np.ndarray) -> None:
+    out = normalise(batch, Normalisation(method="whiten"))
+    for patch in out:
+        assert patch.mean() == pytest.approx(0.0, abs=1e-4)
+        assert patch.std() == pytest.approx(1.0, abs=1e-3)
+    # unlike zscore, the channels keep their relative brightness
+    red_bright = np.zeros((1, 8, 8, 3), np.uint8)
+    red_bright[..., 0] = 200
+    red_bright[..., 1:] = 50
+    red_bright[0, 0, 0] = (210, 60, 60)
+    w = normalise(red_bright, Normalisation(method="whiten"))
+    assert w[0, 0].mean() > 0 > w[0, 1].mean()
+
+
+def test_clahe_equalises_the_luma_and_keeps_dtype_and_shape() -> None:
+    from napari_histo_ai.models.preprocessing import clahe
+
+    rng = np.random.default_rng(3)
+    # a low-contrast image: values in 100..140
+    grey = (rng.random((64, 96)) * 40 + 100).astype(np.uint8)
+    eq = clahe(grey)
+    assert eq.dtype == np.uint8 and eq.shape == grey.shape
+    assert eq.std() > 2 * grey.std()
+    # RGB: hue is kept (a grey image stays grey), only the luma is equalised
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    eq_rgb = clahe(rgb)
+    assert eq_rgb.shape == rgb.shape
+    assert np.abs(eq_rgb.astype(int) - eq_rgb[..., :1].astype(int)).max() <= 1
+    # a much higher clip limit allows more contrast (tiles of 32 x 32 px: OpenCV's limit
+    # of 1.0 clips bins at 4 counts, 40 at 160, close to plain equalisation)
+    rows = np.linspace(110, 130, 256)[:, None] + rng.normal(0, 2, (256, 256))
+    smooth = np.clip(rows, 0, 255).astype(np.uint8)
+    assert clahe(smooth, clip_limit=40.0).std() > 1.2 * clahe(smooth, clip_limit=1.0).std()
+    out = normalise(rgb[None], Normalisation(method="clahe"))
+    assert out.shape == (1, 3, 64, 96) and out.min() >= 0.0 and out.max() <= 1.0
+    with pytest.raises(ModelInputError, match="8-bit"):
+        normalise(rgb[None].astype(np.float32), Normalisation(method="clahe"))
+    with pytest.raises(ModelInputError, match="8-bit"):
+        clahe(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_clahe_fields_parse_from_the_registry_format() -> None:
+    from napari_histo_ai.errors import ModelSpecError
+    from napari_histo_ai.models.spec import ModelSpec
+
+    entry = {
+        "name": "m",
+        "task": "t",
+        "version": "1",
+        "format": "builtin",
+        "architecture": "tiny_fcn",
+        "io": {
+            "patch_size": 64,
+            "channels": 1,
+            "normalisation": {"method": "clahe", "clip_limit": 3.0, "tiles": 4},
+        },
+        "outputs": [{"name": "p", "kind": "probability"}],
+    }
+    spec = ModelSpec.from_dict(entry)
+    assert spec.io.normalisation.clip_limit == 3.0 and spec.io.normalisation.tiles == 4
+    entry["io"]["normalisation"]["tiles"] = 0
+    with pytest.raises(ModelSpecError, match="tiles"):
+        ModelSpec.from_dict(entry)
+
+
+# ------------------------------------------------------- Macenko: one source fit per slide
+def full_tissue(side: int = 64, seed: int = 5) -> np.ndarray:
+    """A patch of tissue pixels only (the background pixels of `synthetic_he` dropped)."""
+    img = synthetic_he(RUIFROK_H, RUIFROK_E, side=2 * side, seed=seed).reshape(-1, 3)
+    od = -np.log((img.astype(np.float64) + 1) / IO)
+    tissue = img[(od >= 0.15).all(axis=1)]
+    assert len(tissue) >= side * side
+    return np.ascontiguousarray(tissue[: side * side].reshape(side, side, 3))
+
+
+def test_fixed_source_equals_per_patch_on_a_full_tissue_patch() -> None:
+    patch = full_tissue()
+    target = macenko_fit(synthetic_he(PALE_H, PALE_E, seed=6))
+    source = macenko_fit(patch)
+    per_patch = macenko_apply(patch, target).astype(np.int16)
+    fixed = macenko_apply(patch, target, source=source).astype(np.int16)
+    assert np.abs(per_patch - fixed).max() <= 1
+    # it really normalises: the stains of the output are the target's
+    out = macenko_fit(macenko_apply(patch, target, source=source))
+    assert cosine(out.stain_matrix[0], target.stain_matrix[0]) > 0.99
+    # and normalise passes the source through
+    via = normalise(patch[None], Normalisation(method="none", stain=target), source=source)
+    np.testing.assert_array_equal(via[0].transpose(1, 2, 0), fixed.astype(np.float32))
+
+
+def test_a_half_background_patch_is_no_longer_darkened() -> None:
+    tissue = full_tissue()
+    target = macenko_fit(synthetic_he(PALE_H, PALE_E, seed=6))
+    source = macenko_fit(tissue)  # the slide's fit: tissue pixels only
+    half = tissue.copy()
+    half[:, 32:] = IO - 1  # background (OD ≈ 0)
+    reference = macenko_apply(tissue, target)[:, :32].astype(np.float64).mean()
+    per_patch = macenko_apply(half, target)[:, :32].astype(np.float64).mean()
+    fixed = macenko_apply(half, target, source=source)
+    # per patch, the background lowers the 99th percentile and darkens the tissue ...
+    assert per_patch < reference - 3
+    # ... with the slide's fit the tissue renders as in the full-tissue patch
+    assert abs(fixed[:, :32].astype(np.float64).mean() - reference) < 1.0
+    np.testing.assert_array_equal(
+        fixed[:, :32], macenko_apply(tissue, target, source=source)[:, :32]
+    )
+    assert (fixed[:, 32:] >= IO - 2).all()  # background stays background
+
+
+def test_the_source_fit_ignores_background_pixels() -> None:
+    tissue = full_tissue()
+    padded = np.full((64, 192, 3), IO - 1, np.uint8)
+    padded[:, :64] = tissue
+    a, b = macenko_fit(tissue), macenko_fit(padded)
+    np.testing.assert_allclose(a.max_concentrations, b.max_concentrations, rtol=1e-6)
+    np.testing.assert_allclose(a.stain_matrix, b.stain_matrix, atol=1e-6)
+    with pytest.raises(ModelInputError, match="8-bit"):
+        macenko_apply(tissue.astype(np.float32), a, source=a)
+
+
+def test_stain_fit_field_parses_from_the_registry_format() -> None:
+    from napari_histo_ai.errors import ModelSpecError
+    from napari_histo_ai.models.spec import ModelSpec
+
+    entry = {
+        "name": "m",
+        "task": "t",
+        "version": "1",
+        "format": "builtin",
+        "architecture": "tiny_fcn",
+        "io": {"patch_size": 64, "channels": 3, "normalisation": {"stain": {}}},
+        "outputs": [{"name": "p", "kind": "probability"}],
+    }
+    spec = ModelSpec.from_dict(entry)
+    assert spec.io.normalisation.stain is not None
+    assert spec.io.normalisation.stain.fit == "patch"
+    entry["io"]["normalisation"]["stain"] = {"fit": "slide"}
+    stain = ModelSpec.from_dict(entry).io.normalisation.stain
+    assert stain is not None and stain.fit == "slide"
+    entry["io"]["normalisation"]["stain"] = {"fit": "tile"}
+    with pytest.raises(ModelSpecError, match="fit"):
+        ModelSpec.from_dict(entry)

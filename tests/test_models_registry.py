@@ -72,7 +72,9 @@ def test_packaged_registry_loads_without_problems(tmp_path: Path) -> None:
     assert reg.problems == []
     for spec in reg:
         assert spec.name in reg
-        assert spec.source.endswith("models.yaml")
+        # models.yaml and the per-paper files beside it, all inside the package
+        assert spec.source.endswith(".yaml")
+        assert Path(spec.source).parent.name == "models"
 
 
 def test_user_folder_good_and_broken(tmp_path: Path) -> None:
@@ -276,3 +278,22 @@ def test_registry_import_and_listing_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_packaged_yaml_file_is_read(monkeypatch, tmp_path) -> None:
+    """models.yaml first, then the per-paper files beside it, sorted by name."""
+    from importlib import resources
+
+    package = resources.files("napari_histo_ai.models")
+    packaged = sorted(r.name for r in package.iterdir() if r.name.endswith(".yaml"))
+    assert "models.yaml" in packaged
+    reg = load_registry(user_dir=tmp_path, entry_points=False)
+    assert reg.problems == []
+    assert "nuclei-unet" in reg.names()
+    sources = {Path(spec.source).name for spec in reg}
+    assert sources == set(packaged) - {name for name in packaged if not _has_models(package / name)}
+
+
+def _has_models(resource: Any) -> bool:
+    data = yaml.safe_load(resource.read_text(encoding="utf-8")) or {}
+    return bool(data.get("models"))

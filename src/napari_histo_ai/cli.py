@@ -5,12 +5,14 @@ Every subcommand prints JSON (or a path) on success. On bad input it prints one 
 
 Usage::
 
-    napari-histo-ai info PATH... [--backend NAME]
+    napari-histo-ai info PATH... [--backend NAME] [--estimate-magnification]
     napari-histo-ai make-slide OUT.tif --source PATH [--width W] [--height H] ...
     napari-histo-ai models [--json]
     napari-histo-ai predict PATH... --model NAME --out DIR [--roi X,Y,W,H]... [--device D]
         [--batch-size N] [--threshold T] [--mpp M] [--no-tissue] [--restart]
         [--local-cluster N | --scheduler tcp://HOST:PORT]
+    napari-histo-ai train-default TASK --data DIR --out FILE [--seed N] [--epochs N]
+    napari-histo-ai evaluate --model NAME --data DIR [--weights FILE] [--json-out FILE]
     napari-histo-ai bench read [PATH...] [--reads N] [--region PX] [--generate OUT.tif]
     napari-histo-ai bench infer PATH [--model NAME] [--generate] [--tiles N] [--device D]
         [--batch-size N] [--json-out FILE]
@@ -48,6 +50,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         pyramid = open_image(path, backend=args.backend)
         try:
             info = pyramid.info()
+            if getattr(args, "estimate_magnification", False):
+                from .models.magnification import estimate_slide_magnification
+
+                info["magnification_estimate"] = estimate_slide_magnification(pyramid).to_dict()
         finally:
             pyramid.close()
         out.append(info)
@@ -287,12 +293,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_default(args: argparse.Namespace) -> int:
-    from .training import nuclei
+    from .training.defaults import train_default
 
     argv = ["--data", str(args.data), "--out", str(args.out), "--seed", str(args.seed)]
     if args.epochs is not None:
         argv += ["--epochs", str(args.epochs)]
-    return nuclei.main(argv)
+    return train_default(args.task, argv)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .models.registry import load_registry
+    from .training.defaults import evaluate_model
+
+    load_registry().get(args.model)  # an unknown name fails here, listing the known ones
+    weights = Path(args.weights) if args.weights else None
+    result = evaluate_model(args.model, args.data, weights=weights)
+    text = json.dumps(result, indent=2, default=float)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def _default_tasks() -> dict[str, str]:
+    from .training.defaults import TASKS
+
+    return {name: f"{t.summary} (data: {t.data})" for name, t in TASKS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default="auto",
         help="auto (default), tifffile, openslide, ome-zarr, nibabel or pillow",
+    )
+    p.add_argument(
+        "--estimate-magnification",
+        action="store_true",
+        help="also estimate the objective from nucleus sizes in a few tissue regions (H&E)",
     )
     p.set_defaults(func=_cmd_info)
 
@@ -334,12 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
         "train-default",
         help="reproduce a shipped weights file from the real data (seeded)",
     )
-    p.add_argument("task", choices=["nuclei"], help="nuclei: nuclei-unet on miccai_nuclei_seg")
+    p.add_argument(
+        "task",
+        choices=list(_default_tasks()),
+        help="; ".join(f"{k}: {v}" for k, v in _default_tasks().items()),
+    )
     p.add_argument("--data", required=True, help="the training data folder")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="default: as shipped")
     p.set_defaults(func=_cmd_train_default)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="print a model's metrics on a labelled folder (its held-out split) as JSON",
+    )
+    p.add_argument("--model", required=True, metavar="NAME", help="see `napari-histo-ai models`")
+    p.add_argument("--data", required=True, metavar="DIR", help="the labelled data folder")
+    p.add_argument(
+        "--weights", default=None, metavar="FILE", help="score this weights file instead"
+    )
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "predict",

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..inference.engine import Geometry
 from ..inference.objects import Objects, tile_magnification
+from ..inference.smoothing import sigma_pixels, smooth_probabilities, smoothed_levels
 from ..models.spec import ModelSpec, OutputSpec
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
@@ -126,9 +127,13 @@ def dense_layers(
             t = threshold if threshold is not None else out.threshold
             t8 = int(np.clip(np.ceil(t * 255 - 1e-6), 1, 255))
             multi = len(chans) > 1
+            stacks = [lv[chans] for lv in levels]
+            if out.smoothing_um > 0:  # Gaussian σ (µm) on the probabilities first
+                sigma = sigma_pixels(out.smoothing_um, geo.scale[-1])
+                stacks = smoothed_levels(stacks, sigma_px=sigma)
             data = [
-                da.map_blocks(_mask_block, lv[chans], t8, multi, drop_axis=0, dtype=np.uint8)
-                for lv in levels
+                da.map_blocks(_mask_block, st, t8, multi, drop_axis=0, dtype=np.uint8)
+                for st in stacks
             ]
             layers.append(
                 (
@@ -165,7 +170,8 @@ def object_layer(
     plane_units: Sequence[str] = (),
     run: str | Path | None = None,
 ) -> LayerDataTuple:
-    """A Points (peaks) or Shapes (rectangles) layer with ``class`` and ``score`` features."""
+    """A Points (peaks) or Shapes (rectangles, lines) layer with ``class`` and ``score``
+    features (plus the objects' own, e.g. ``length_mm`` of lesion lines)."""
     scale, translate = _object_placement(geometry, plane_scale)
     features = object_features(objects)
     colours = [_rgba(output.colours[int(label)]) for label in objects.labels]
@@ -186,6 +192,25 @@ def object_layer(
             "ndim": 2 + len(plane_scale),
         }
         return objects.coords, kwargs, "points"
+    if output.kind == "lines":
+        text = {"string": "{length_mm:.1f} mm", "size": 10, "color": output.colours[0]}
+        return (
+            objects_to_lines(objects),
+            {
+                "name": name,
+                "scale": scale,
+                "translate": translate,
+                "units": _units(geometry, plane_units),
+                "shape_type": "line",
+                "features": features,
+                "edge_color": np.asarray(colours).reshape(-1, 4) if colours else "yellow",
+                "edge_width": 2 * scale[-1],
+                "text": text if len(objects) and "length_mm" in features else None,
+                "metadata": meta,
+                "ndim": 2 + len(plane_scale),
+            },
+            "shapes",
+        )
     return (
         boxes_to_rectangles(objects),
         {
@@ -212,7 +237,19 @@ def object_features(objects: Objects) -> dict[str, np.ndarray]:
     return {
         "class": np.asarray([classes[int(label)] for label in objects.labels], dtype=object),
         "score": np.asarray(objects.scores, dtype=np.float64),
+        **{key: np.asarray(values) for key, values in objects.features.items()},
     }
+
+
+def objects_to_lines(objects: Objects) -> list[np.ndarray]:
+    """(N, p + 4) lines -> napari lines (2 ends, plane coordinates first)."""
+    n_plane = objects.coords.shape[1] - 4
+    out = []
+    for row in objects.coords:
+        plane = list(row[:n_plane])
+        r0, c0, r1, c1 = row[n_plane:]
+        out.append(np.array([[*plane, r0, c0], [*plane, r1, c1]]))
+    return out
 
 
 def boxes_to_rectangles(objects: Objects) -> list[np.ndarray]:
@@ -252,6 +289,9 @@ def tile_layers(
             "aggregate": (aggregates or {}).get(out.name),
         }
         if out.kind == "class":
+            if out.smoothing_um > 0:  # Gaussian σ (µm) over the tile map first
+                sigma = sigma_pixels(out.smoothing_um, geo.scale[-1])
+                v = smooth_probabilities(v, sigma_px=sigma)
             missing = np.isnan(v).any(axis=0)
             labels = np.where(missing, 0, np.nan_to_num(v, nan=-1).argmax(axis=0) + 1)
             layers.append(
@@ -362,16 +402,28 @@ def run_folder_layers(path: str | Path) -> list[LayerDataTuple]:
     image = Path(str(record["image"])).name
     n_plane = len(record.get("planes", []))
     plane_scale = (1.0,) * n_plane
+    # napari wants one unit per axis: the last plane axis is Z (the image's unit, as
+    # layer_units gives it), others (T) are plain indices
+    plane_units = (*("pixel",) * (n_plane - 1), geo.unit) if n_plane else ()
     layers: list[LayerDataTuple] = []
     if spec.dense:
-        layers += dense_layers(path, spec, geometry, image=image, plane_scale=plane_scale)
+        layers += dense_layers(
+            path, spec, geometry, image=image, plane_scale=plane_scale, plane_units=plane_units
+        )
         for out in spec.outputs:
             file = Path(path) / f"{out.name}.geojson"
-            if out.kind in ("points", "boxes") and file.is_file():
+            if out.kind in ("points", "boxes", "lines") and file.is_file():
                 objs = read_objects(file, kind=out.kind, classes=out.classes, n_plane=n_plane)
                 layers.append(
                     object_layer(
-                        objs, spec, out, geo, image=image, plane_scale=plane_scale, run=path
+                        objs,
+                        spec,
+                        out,
+                        geo,
+                        image=image,
+                        plane_scale=plane_scale,
+                        plane_units=plane_units,
+                        run=path,
                     )
                 )
     else:
@@ -382,6 +434,12 @@ def run_folder_layers(path: str | Path) -> list[LayerDataTuple]:
             json.loads(summary.read_text()).get("aggregates") if summary.is_file() else None
         )
         layers += tile_layers(
-            path, spec, geometry, aggregates, image=image, plane_scale=plane_scale
+            path,
+            spec,
+            geometry,
+            aggregates,
+            image=image,
+            plane_scale=plane_scale,
+            plane_units=plane_units,
         )
     return layers

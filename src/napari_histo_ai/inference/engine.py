@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from ..errors import ModelInputError, RunStateError
-from ..models.spec import ModelSpec, OutputSpec
+from ..models.spec import ModelSpec, OutputSpec, StainReference
 from .objects import Objects, aggregate, find_peaks
 from .store import (
     RECORD_KEY,
@@ -474,6 +474,96 @@ def _apply_activation(out: torch.Tensor, spec: ModelSpec, prob_channels: list[in
     return out
 
 
+#: regions sampled from the tissue of an image for the per-slide Macenko fit ...
+STAIN_FIT_REGIONS = 16
+#: ... each this many model pixels square (at least one patch)
+STAIN_FIT_SIDE = 256
+
+
+def _fit_slide_stains(
+    pyramid: Pyramid,
+    plan: _Plan,
+    grid: DenseGrid | PatchGrid,
+    selected: np.ndarray,
+    plane: tuple[int, ...],
+    fill: float,
+    spec: ModelSpec,
+) -> dict[str, Any]:
+    """Fit the source stains of an image once (paper 000: one Macenko fit per slide).
+
+    Up to `STAIN_FIT_REGIONS` regions of ``max(patch_size, STAIN_FIT_SIDE)`` model
+    pixels, centred on tiles spread evenly (row-major) over ``selected`` (the tissue
+    tiles of the run), are read at the run's level and resampled like the tiles; their
+    mosaic is fitted with `macenko_fit` (stain vectors and 99th-percentile
+    concentrations over tissue pixels only).
+
+    Returns
+    -------
+    dict
+        JSON-able, saved in the run record: ``fit`` ``"slide"`` with ``stain_matrix``
+        (H, E rows) and ``max_concentrations``, ``regions`` (level-0 (top, left, height,
+        width) of each region read); or ``fit`` ``"patch"`` with a ``warning`` when no
+        fit was possible (no tissue tile, or a single stain): every tile is then fitted
+        on its own.
+    """
+    from ..models.preprocessing import macenko_fit
+
+    cells = np.argwhere(selected)
+    if len(cells) == 0:
+        return {
+            "fit": "patch",
+            "warning": "no tissue tile to fit the slide's stains on; each tile was "
+            "stain-normalised on its own (per-patch Macenko)",
+        }
+    io = spec.io
+    side = max(io.patch_size, STAIN_FIT_SIDE)
+    pick = np.unique(np.linspace(0, len(cells) - 1, min(STAIN_FIT_REGIONS, len(cells))).round())
+    read = (max(1, round(side * plan.factor[0])), max(1, round(side * plan.factor[1])))
+    ds = plan.level_downsample
+    regions, mosaic = [], []
+    for k in pick.astype(int):
+        i, j = (int(v) for v in cells[k])
+        my, mx = grid.input_origin(i, j)
+        cy, cx = my + io.patch_size / 2, mx + io.patch_size / 2
+        top = round((cy - side / 2) * plan.factor[0])
+        left = round((cx - side / 2) * plan.factor[1])
+        tile = _read_plane_region(pyramid, plan.level, plane, top, left, read[0], read[1], fill)
+        tile = _fit_channels(tile, 3, spec.name, str(pyramid.path))
+        mosaic.append(_resize(tile, side))
+        box = (top * ds[0], left * ds[1], read[0] * ds[0], read[1] * ds[1])
+        regions.append([round(v) for v in box])
+    try:
+        fit = macenko_fit(np.concatenate(mosaic, axis=1))
+    except ModelInputError as exc:
+        return {
+            "fit": "patch",
+            "regions": regions,
+            "warning": f"the slide's stains could not be fitted ({exc}); each tile was "
+            "stain-normalised on its own (per-patch Macenko)",
+        }
+    return {
+        "fit": "slide",
+        "stain_matrix": [list(v) for v in fit.stain_matrix],
+        "max_concentrations": list(fit.max_concentrations),
+        "regions": regions,
+    }
+
+
+def _stain_source(info: dict[str, Any] | None) -> StainReference | None:
+    """The source fit of a run record's ``stain_source`` (None: per-patch)."""
+    if not info or info.get("fit") != "slide":
+        return None
+    m = info["stain_matrix"]
+    c = info["max_concentrations"]
+    return StainReference(
+        stain_matrix=(
+            (float(m[0][0]), float(m[0][1]), float(m[0][2])),
+            (float(m[1][0]), float(m[1][1]), float(m[1][2])),
+        ),
+        max_concentrations=(float(c[0]), float(c[1])),
+    )
+
+
 def run_model(
     pyramid: Pyramid,
     predictor: Predictor,
@@ -535,7 +625,7 @@ def run_model(
     prob_channels: list[int] = []
     size_channels: list[int] = []
     for o in spec.outputs:
-        if o.kind in ("probability", "mask", "points", "boxes"):
+        if o.kind in ("probability", "mask", "points", "boxes", "lines"):
             prob_channels += [c for c in o.channels if c not in prob_channels]
         if o.kind == "boxes" and o.size_channels:
             size_channels += [c for c in o.size_channels if c not in size_channels]
@@ -625,11 +715,12 @@ def run_model(
     }
     group = None
     created = False
+    old: dict[str, Any] = {}
     if out.exists():
         try:
             group = zarr.open_group(str(out), mode="r+")
             raw = group.attrs.get(RECORD_KEY)
-            old: dict[str, Any] = dict(raw) if isinstance(raw, dict) else {}
+            old = dict(raw) if isinstance(raw, dict) else {}
         except Exception:  # not a zarr group at all
             old = {}
         same = {k: v for k, v in old.items() if k in record} == record
@@ -645,6 +736,20 @@ def run_model(
         group = zarr.open_group(str(out), mode="w")
         group.attrs[RECORD_KEY] = cast(Any, {**record, "spec": spec.to_dict()})
         created = True
+    # ---- stain normalisation: the source stains, fitted once per run (kept on resume)
+    stain_info: dict[str, Any] | None = None
+    stain_ref = io.normalisation.stain
+    if stain_ref is not None and stain_ref.fit == "slide":
+        saved = old.get("stain_source") if not created else None
+        if isinstance(saved, dict) and saved.get("fit") in ("slide", "patch"):
+            stain_info = dict(saved)
+        else:
+            stain_info = _fit_slide_stains(pyramid, plan, grid, selected, planes[0], fill, spec)
+            group.attrs[RECORD_KEY] = cast(
+                Any, {**record, "spec": spec.to_dict(), "stain_source": stain_info}
+            )
+    stain_source = _stain_source(stain_info)
+    run_warnings = [stain_info["warning"]] if stain_info and "warning" in stain_info else []
 
     progress_path = out / "progress.npz"
     state = load_progress(progress_path) if not created else None
@@ -858,7 +963,7 @@ def run_model(
             )
             tile = _fit_channels(tile, io.channels, spec.name, str(pyramid.path))
             tiles.append(_resize(tile, p))
-        x = normalise(np.stack(tiles), io.normalisation)
+        x = normalise(np.stack(tiles), io.normalisation, source=stain_source)
         with stats_lock:
             stats["read_s"] += time.perf_counter() - t0
         return x
@@ -1070,12 +1175,34 @@ def run_model(
                     else:
                         fresh[name] = objs
 
+    line_outputs = [o for o in spec.outputs if o.kind == "lines"]
+    if line_outputs and dense_out is not None and complete and len(plane_shape) <= 1:
+        # per lesion of the finished map, its longest diameter (inference/lesions.py)
+        from .lesions import lesion_objects, output_spacing_mm
+
+        for o in line_outputs:
+            lines = lesion_objects(
+                dense_out.prob[0][prob_index[o.channels[0]]],
+                threshold_of(o),
+                pixel=geo.pixel,
+                spacing_mm=output_spacing_mm(pyramid, geo),
+                classes=o.classes,
+            )
+            objects[o.name] = lines
+            fresh[o.name] = lines
+
     aggregates: dict[str, dict[str, Any]] = {}
     if not spec.dense:
         assert tile_out is not None
         values = np.asarray(tile_out.array)
         for o in spec.outputs:
-            v = values[list(o.channels)].reshape(len(o.channels), -1).T
+            chosen = values[list(o.channels)]
+            if o.kind == "class" and o.smoothing_um > 0:  # aggregate of the smoothed map
+                from .smoothing import sigma_pixels, smooth_probabilities
+
+                sigma = sigma_pixels(o.smoothing_um, geo.scale[-1])
+                chosen = smooth_probabilities(chosen, sigma_px=sigma)
+            v = chosen.reshape(len(o.channels), -1).T
             aggregates[o.name] = aggregate(v, o)
 
     geometry = {o.name: geo for o in spec.outputs}
@@ -1109,6 +1236,8 @@ def run_model(
         "spilled_cells": pending.n_spills if pending is not None else 0,
         "objects": {k: len(v) for k, v in objects.items()},
         "aggregates": aggregates,
+        "stain_source": stain_info,
+        "warnings": run_warnings,
     }
     write_json_atomic(out / "summary.json", summary)
     for name, objs in objects.items():

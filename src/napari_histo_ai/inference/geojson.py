@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,27 @@ from .store import write_json_atomic
 def objects_to_geojson(
     objects: Objects, *, pixel_size: tuple[float, float] | None = None
 ) -> dict[str, Any]:
-    """A FeatureCollection: points as ``Point``, boxes as closed ``Polygon`` rectangles.
+    """A FeatureCollection: points as ``Point``, boxes as closed ``Polygon`` rectangles,
+    lines as two-point ``LineString``.
 
     Coordinates are level-0 pixels (continuous: pixel i spans [i, i + 1)), in GeoJSON's
     (x, y) order, as QuPath and most slide tools expect. Properties carry ``class``,
-    ``score`` and, for stacks, ``plane``. ``pixel_size`` (µm/px row, column) is recorded
-    in the collection's properties when known.
+    ``score``, the objects' extra ``features`` and, for stacks, ``plane``.
+    ``pixel_size`` (µm/px row, column) is recorded in the collection's properties when
+    known.
     """
     n_plane = objects.coords.shape[1] - (2 if objects.kind == "points" else 4)
     features = []
-    for coords, score, label in zip(objects.coords, objects.scores, objects.labels, strict=True):
+    for n, (coords, score, label) in enumerate(
+        zip(objects.coords, objects.scores, objects.labels, strict=True)
+    ):
         plane = [int(v) for v in coords[:n_plane]]
         c = coords[n_plane:]
         if objects.kind == "points":
             geometry: dict[str, Any] = {"type": "Point", "coordinates": [float(c[1]), float(c[0])]}
+        elif objects.kind == "lines":
+            line = [[float(c[1]), float(c[0])], [float(c[3]), float(c[2])]]
+            geometry = {"type": "LineString", "coordinates": line}
         else:
             top, left, bottom, right = (float(v) for v in c)
             ring = [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]
@@ -37,6 +45,9 @@ def objects_to_geojson(
             "class": objects.classes[int(label)] if objects.classes else int(label),
             "score": round(float(score), 5),
         }
+        for key, values in objects.features.items():
+            value = values[n].item()
+            props[key] = None if isinstance(value, float) and value != value else value
         if plane:
             props["plane"] = plane
         features.append({"type": "Feature", "geometry": geometry, "properties": props})
@@ -68,6 +79,7 @@ def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: in
     if not isinstance(data, dict) or data.get("type") != "FeatureCollection":
         raise ValueError(f"{path}: not a GeoJSON FeatureCollection")
     rows, scores, labels = [], [], []
+    extra: dict[str, list[float]] = {}
     index = {c: i for i, c in enumerate(classes)}
     for feature in data.get("features", []):
         geometry = feature.get("geometry") or {}
@@ -77,6 +89,9 @@ def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: in
         if kind == "points":
             x, y = geometry["coordinates"][:2]
             rows.append([*plane, float(y), float(x)])
+        elif kind == "lines":
+            (x0, y0), (x1, y1) = (p[:2] for p in geometry["coordinates"][:2])
+            rows.append([*plane, float(y0), float(x0), float(y1), float(x1)])
         else:
             ring = np.asarray(geometry["coordinates"][0], dtype=float)
             rows.append(
@@ -84,6 +99,15 @@ def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: in
             )
         scores.append(float(props.get("score", 1.0)))
         labels.append(index.get(str(props.get("class")), 0))
+        for key, value in props.items():
+            if key not in ("class", "score", "plane") and (
+                value is None or isinstance(value, int | float)
+            ):
+                extra.setdefault(key, [math.nan] * (len(rows) - 1)).append(
+                    math.nan if value is None else float(value)
+                )
+        for values in extra.values():
+            values += [math.nan] * (len(rows) - len(values))
     width = n_plane + (2 if kind == "points" else 4)
     return Objects(
         kind,
@@ -91,4 +115,5 @@ def read_objects(path: Path, *, kind: str, classes: tuple[str, ...], n_plane: in
         np.asarray(scores, dtype=float),
         np.asarray(labels, dtype=np.int64),
         classes,
+        features={k: np.asarray(v, dtype=float) for k, v in extra.items()},
     )

@@ -13,19 +13,22 @@ from ..models.spec import OutputSpec
 
 @dataclass
 class Objects:
-    """Points or boxes found in a run, in level-0 pixel coordinates.
+    """Points, boxes or lines found in a run, in level-0 pixel coordinates.
 
     Attributes
     ----------
     kind : str
-        ``"points"`` or ``"boxes"``.
+        ``"points"``, ``"boxes"`` or ``"lines"``.
     coords : numpy.ndarray
         points: (N, 2 + p) (plane..., row, col) centres; boxes: (N, p + 4)
-        (plane..., top, left, bottom, right). Level-0 pixels, continuous (pixel i spans
-        [i, i + 1)).
+        (plane..., top, left, bottom, right); lines: (N, p + 4) (plane..., row0, col0,
+        row1, col1), both ends on the same plane. Level-0 pixels, continuous (pixel i
+        spans [i, i + 1)).
     scores : numpy.ndarray (N,)
     labels : numpy.ndarray of int (N,)
         Class index into the output's ``classes``.
+    features : dict of str to numpy.ndarray
+        Extra per-object columns, each (N,) (lines: ``length_mm``, ``volume_mm3``...).
     """
 
     kind: str
@@ -33,6 +36,7 @@ class Objects:
     scores: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...] = field(default_factory=tuple)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, kind: str, n_plane: int, classes: tuple[str, ...]) -> Objects:
@@ -40,6 +44,16 @@ class Objects:
         return cls(kind, np.zeros((0, width)), np.zeros(0), np.zeros(0, dtype=np.int64), classes)
 
     def extend(self, other: Objects) -> None:
+        n_self, n_other = len(self), len(other)
+        self.features = {
+            key: np.concatenate(
+                [
+                    self.features.get(key, np.full(n_self, np.nan)),
+                    other.features.get(key, np.full(n_other, np.nan)),
+                ]
+            )
+            for key in {**self.features, **other.features}
+        }
         self.coords = np.concatenate([self.coords, other.coords])
         self.scores = np.concatenate([self.scores, other.scores])
         self.labels = np.concatenate([self.labels, other.labels])
@@ -152,6 +166,15 @@ def aggregate(values: np.ndarray, spec: OutputSpec) -> dict[str, object]:
         scores = v.max(axis=0)
     elif method == "sum":
         scores = v.sum(axis=0)
+    elif method in ("exist", "exist3"):
+        label, scores = exist_aggregate(v, at_least=1 if method == "exist" else 3)
+        return {
+            "method": method,
+            "label": label,
+            "class": spec.classes[label],
+            "scores": {c: float(s) for c, s in zip(spec.classes, scores, strict=True)},
+            "n_tiles": n,
+        }
     else:  # median
         scores = np.median(v, axis=0)
     label = int(np.argmax(scores))
@@ -162,6 +185,51 @@ def aggregate(values: np.ndarray, spec: OutputSpec) -> dict[str, object]:
         "scores": {c: float(s) for c, s in zip(spec.classes, scores, strict=True)},
         "n_tiles": n,
     }
+
+
+def exist_aggregate(values: np.ndarray, *, at_least: int) -> tuple[int, np.ndarray]:
+    """Paper 002's ``exist`` (``at_least=1``) and ``exist3`` (``at_least=3``) rules.
+
+    Class 0 is the negative class (benign, background). A tile *is positive* when its
+    most likely class is not 0; the image is positive when at least ``at_least`` tiles
+    are, and then takes the non-zero class most of those tiles chose (ties: the lower
+    index); otherwise it is class 0.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        (N, K) per-tile class probabilities, K >= 2, no NaN rows.
+    at_least : int
+        Positive tiles needed.
+
+    Returns
+    -------
+    label : int
+    scores : numpy.ndarray (K,)
+        ``s`` = the ``at_least``-th largest ``1 - p_0`` over the tiles (0 with fewer
+        tiles); class 0 scores ``1 - s``, the other classes share ``s`` in proportion to
+        their positive tiles. With two classes ``label == argmax(scores)`` and ``s`` is
+        the image's positive score (``s > 0.5`` exactly when ``at_least`` tiles say 1).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    n, k = v.shape
+    scores = np.zeros(k)
+    if n == 0 or k < 2:
+        if k:
+            scores[0] = 1.0
+        return 0, scores
+    labels = v.argmax(axis=1)
+    positive = labels[labels != 0]
+    votes = np.bincount(positive, minlength=k).astype(np.float64)
+    votes[0] = 0.0
+    q = np.sort(1.0 - v[:, 0])[::-1]
+    s = float(q[at_least - 1]) if n >= at_least else 0.0
+    share = votes / votes.sum() if votes.sum() else np.full(k, 1.0 / (k - 1))
+    share[0] = 0.0
+    scores = s * share
+    scores[0] = 1.0 - s
+    label = int(np.argmax(votes)) if len(positive) >= at_least else 0
+    return label, scores
 
 
 def tile_magnification(values: np.ndarray, spec: OutputSpec) -> np.ndarray:

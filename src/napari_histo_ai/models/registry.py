@@ -2,7 +2,8 @@
 
 Three sources, read in this order by `load_registry`:
 
-1. the packaged ``models.yaml`` beside this module;
+1. the packaged ``models.yaml`` beside this module, then the other packaged ``*.yaml``
+   files there (one per paper task: ``mitosis.yaml``, ``mri.yaml``, ...), sorted;
 2. the entry-point group ``napari_histo_ai.models``: each entry point loads to the path
    of a YAML file, or to a callable returning a list of entries, a ``{"models": [...]}``
    mapping or a YAML path;
@@ -149,7 +150,7 @@ def load_registry(
     entry_points : bool
         Read the ``napari_histo_ai.models`` entry-point group.
     packaged : bool
-        Read the packaged ``models.yaml``.
+        Read the packaged ``models.yaml`` and the other packaged YAML files.
 
     Returns
     -------
@@ -158,11 +159,17 @@ def load_registry(
     """
     registry = Registry()
     if packaged:
-        resource = resources.files("napari_histo_ai.models") / _PACKAGED
-        if isinstance(resource, Path):
-            _add_yaml_file(registry, resource)
-        else:  # zipped install: relative weights cannot be resolved to files anyway
-            _add_yaml_text(registry, resource.read_text(encoding="utf-8"), str(resource), None)
+        package = resources.files("napari_histo_ai.models")
+        others = sorted(
+            (r for r in package.iterdir() if r.name.endswith(".yaml") and r.name != _PACKAGED),
+            key=lambda r: r.name,
+        )
+        for resource in [package / _PACKAGED, *others]:
+            if isinstance(resource, Path):
+                _add_yaml_file(registry, resource)
+            else:  # zipped install: relative weights cannot be resolved to files anyway
+                text = resource.read_text(encoding="utf-8")
+                _add_yaml_text(registry, text, str(resource), None)
     if entry_points:
         _add_entry_points(registry)
     folder = user_models_dir() if user_dir is None else Path(user_dir)

@@ -31,13 +31,16 @@ from typing import Any
 from ..errors import ModelSpecError
 
 FORMATS = ("safetensors", "state_dict", "torchscript", "onnx", "builtin")
-OUTPUT_KINDS = ("probability", "mask", "points", "boxes", "class", "magnification")
-DENSE_KINDS = ("probability", "mask", "points", "boxes")
+OUTPUT_KINDS = ("probability", "mask", "points", "boxes", "class", "magnification", "lines")
+DENSE_KINDS = ("probability", "mask", "points", "boxes", "lines")
 TILE_KINDS = ("class", "magnification")
 ACTIVATIONS = ("sigmoid", "softmax", "none")
-NORMALISATIONS = ("none", "scale", "meanstd", "zscore")
-AGGREGATES = ("vote", "average", "max", "sum", "median")
+NORMALISATIONS = ("none", "scale", "meanstd", "zscore", "whiten", "clahe")
+AGGREGATES = ("vote", "average", "max", "sum", "median", "exist", "exist3")
+#: class-only aggregates (paper 002): positive if >= 1 / >= 3 tiles are not class 0
+CLASS_AGGREGATES = ("exist", "exist3")
 STAIN_METHODS = ("macenko",)
+STAIN_FITS = ("patch", "slide")
 
 DEFAULT_COLOURS = (
     "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
@@ -57,6 +60,13 @@ class StainReference:
         Unit optical-density vectors of haematoxylin and eosin in the reference.
     max_concentrations : (float, float)
         99th percentile of the H and E concentrations in the reference.
+    fit : str
+        How the engine estimates the *source* stains of an image: ``"patch"`` (the
+        default) fits every tile on its own, as the shipped mitosis models were trained;
+        ``"slide"`` fits them once per run on tissue sampled from the image (paper 000)
+        and applies that fit to every tile. The default is chosen by measurement: with
+        per-slide fitting the per-patch-trained mitosis models did worse on held-out
+        data (see the header of ``models.yaml``).
     """
 
     method: str = "macenko"
@@ -65,6 +75,7 @@ class StainReference:
         (0.2159, 0.8012, 0.5581),
     )
     max_concentrations: tuple[float, float] = (1.9705, 1.0308)
+    fit: str = "patch"
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,13 @@ class Normalisation:
       * ``none``: float32 of the raw values;
       * ``scale``: divided by ``scale`` (255 for 8-bit);
       * ``meanstd``: ``(x / scale - mean) / std`` per channel;
-      * ``zscore``: per patch, ``(x - mean(x)) / std(x)`` per channel.
+      * ``zscore``: per patch, ``(x - mean(x)) / std(x)`` per channel;
+      * ``whiten``: per patch, ``(x - mean(x)) / std(x)`` over all channels together
+        (paper 002's per-image whitening);
+      * ``clahe``: contrast-limited adaptive histogram equalisation of 8-bit patches
+        (RGB: on the Y channel of YUV; grey: on the channel), ``clip_limit`` as OpenCV
+        counts it (multiples of the mean bin height), ``tiles`` × ``tiles`` tiles, then
+        divided by ``scale``.
 
     ``stain`` (optional) is applied first, on the 8-bit RGB patch.
     """
@@ -85,6 +102,8 @@ class Normalisation:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     stain: StainReference | None = None
+    clip_limit: float = 2.0
+    tiles: int = 8
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,9 @@ class OutputSpec:
         ``probability`` (Image 0..1), ``mask`` (Labels: argmax, or threshold for one
         channel), ``points`` (peaks of a probability map), ``boxes`` (peaks + box size
         channels), ``class`` (per-tile class vector + image aggregate),
-        ``magnification`` (per-tile estimate + image aggregate).
+        ``magnification`` (per-tile estimate + image aggregate), ``lines`` (per
+        connected lesion of the thresholded map, its longest in-plane diameter, computed
+        when the run completes; `napari_histo_ai.inference.lesions`).
     channels : tuple of int
         Indices into the model's K outputs that this result reads.
     classes : tuple of str
@@ -155,10 +176,16 @@ class OutputSpec:
         Boxes: the channels holding box height and width, in output pixels.
     aggregate : str
         Class / magnification: how tiles combine into one image-level value
-        (vote, average, max, sum, median).
+        (vote, average, max, sum, median); class outputs also ``exist`` / ``exist3``
+        (paper 002: the image is positive when at least 1 / 3 tiles are not class 0).
     values : tuple of float
         Magnification classifiers: the magnification each channel stands for; empty for
         a regressor (one channel = the magnification itself).
+    smoothing_um : float
+        Mask / class outputs: Gaussian σ (µm; px when the image has no mpp) applied to
+        the class probabilities before the argmax / threshold when the layer is built
+        (`napari_histo_ai.inference.smoothing`); 0 = none. The stored run is not
+        changed; a class output's image aggregate is taken over the smoothed map.
     """
 
     name: str
@@ -171,6 +198,7 @@ class OutputSpec:
     size_channels: tuple[int, int] | None = None
     aggregate: str = "average"
     values: tuple[float, ...] = ()
+    smoothing_um: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +247,8 @@ class ModelSpec:
         data = self.to_dict()
         data.pop("card", None)
         data.pop("source", None)
+        for output in data["outputs"]:  # display-time smoothing does not change a run
+            output.pop("smoothing_um", None)
         if self.weights is not None and self.weights.is_file():
             stat = self.weights.stat()
             data["weights_stat"] = [stat.st_size, int(stat.st_mtime)]
@@ -348,7 +378,7 @@ class _Parser:
                 raise self.fail(
                     f"output '{out.name}' of kind '{out.kind}' does not fit a "
                     f"{'dense' if dense else 'tile'} model",
-                    "dense models give probability/mask/points/boxes; tile models "
+                    "dense models give probability/mask/points/boxes/lines; tile models "
                     "class/magnification",
                 )
         names = [o.name for o in outputs]
@@ -448,8 +478,15 @@ class _Parser:
                 raise self.fail(f"stain reference is not numeric: {exc}") from None
             if len(m) != 2 or any(len(row) != 3 for row in m) or len(c) != 2:
                 raise self.fail("stain.stain_matrix must be 2 x 3 and max_concentrations 2 values")
-            stain = StainReference(method_s, (m[0], m[1]), (c[0], c[1]))  # type: ignore[arg-type]
-        return Normalisation(method, scale, mean, std, stain)
+            fit = self.choice(s.get("fit", default.fit), STAIN_FITS, "stain.fit")
+            stain = StainReference(method_s, (m[0], m[1]), (c[0], c[1]), fit)  # type: ignore[arg-type]
+        clip_limit = self.number(
+            raw.get("clip_limit", 2.0), "io.normalisation.clip_limit", minimum=1e-6
+        )
+        tiles = self.number(raw.get("tiles", 8), "io.normalisation.tiles", minimum=1, integer=True)
+        if method == "clahe" and channels not in (1, 3):
+            raise self.fail(f"io.normalisation 'clahe' needs 1 or 3 channels, not {channels}")
+        return Normalisation(method, scale, mean, std, stain, float(clip_limit), int(tiles))
 
     def output(self, raw: Any, index: int) -> OutputSpec:
         where = f"outputs[{index}]"
@@ -493,6 +530,11 @@ class _Parser:
         elif size_channels is not None:
             raise self.fail(f"{where}.size_channels only applies to kind 'boxes'")
         values = self.floats(raw.get("values"), f"{where}.values")
+        if kind != "class" and raw.get("aggregate") in CLASS_AGGREGATES:
+            raise self.fail(
+                f"{where}.aggregate '{raw['aggregate']}' only applies to kind 'class'",
+                "use vote, average, max, sum or median",
+            )
         if kind == "magnification" and values and len(values) != len(channels):
             raise self.fail(f"{where} has {len(channels)} channels but {len(values)} values")
         return OutputSpec(
@@ -510,7 +552,14 @@ class _Parser:
                 raw.get("aggregate", "average"), AGGREGATES, f"{where}.aggregate"
             ),
             values=values,
+            smoothing_um=self._smoothing(raw, kind, where),
         )
+
+    def _smoothing(self, raw: Mapping[str, Any], kind: str, where: str) -> float:
+        smoothing = self.number(raw.get("smoothing_um", 0.0), f"{where}.smoothing_um")
+        if smoothing and kind not in ("mask", "class"):
+            raise self.fail(f"{where}.smoothing_um only applies to kinds 'mask' and 'class'")
+        return float(smoothing)
 
     def card(self, raw: Mapping[str, Any]) -> ModelCard:
         self.unknown(raw, set(ModelCard.__dataclass_fields__), "card")

@@ -37,14 +37,11 @@ output one logit channel (apply a sigmoid).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import re
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +51,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import HistoAIError, ImageReadError
+from .common import (
+    atomic_write,
+    print_progress,
+    run_to_end,
+    save_weights,
+    save_weights_and_record,
+    sha256,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +67,7 @@ __all__ = [
     "MICCAI_MAGNIFICATION",
     "Sample",
     "detection_scores",
+    "evaluate",
     "load_miccai_nuclei",
     "main",
     "predict_probability",
@@ -475,38 +481,10 @@ def predict_probability(
     return probability.astype(np.float32)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in ``path``'s folder, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        Path(tmp).chmod(0o644)  # mkstemp creates 0600; a packaged file must be readable
-        Path(tmp).replace(path)  # os.replace: atomic on one file system
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """float32 state dict (batch-norm counters dropped) as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    state = {
-        key: value.detach().cpu().float().contiguous()
-        for key, value in model.state_dict().items()
-        if value.is_floating_point()
-    }
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# the shared helpers, under the names the other training modules import from here
+_atomic_write = atomic_write
+_save_weights = save_weights
+_sha256 = sha256
 
 
 # --------------------------------------------------------------------------- training
@@ -771,10 +749,7 @@ def train_nuclei(
         "mpp": str(mpp),
         "seed": str(seed),
     }
-    _save_weights(model, out_path, metadata)
-    record["weights_sha256"] = _sha256(out_path)
-    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(out_path.with_suffix(".json"), lambda tmp: tmp.write_text(text, "utf-8"))
+    save_weights_and_record(model, out_path, metadata, record)
     return record
 
 
@@ -801,15 +776,64 @@ def train_nuclei_sync(
     dict
         The JSON record written beside the weights.
     """
-    generator = train_nuclei(data_dir, out_path, **options)
-    while True:
-        try:
-            record = next(generator)
-        except StopIteration as stop:
-            result: dict[str, Any] = stop.value
-            return result
-        if progress is not None:
-            progress(record)
+    return run_to_end(train_nuclei(data_dir, out_path, **options), progress)
+
+
+def evaluate(
+    data_dir: str | Path,
+    *,
+    model: str = "nuclei-unet",
+    weights: Path | None = None,
+    names: Sequence[str] = DEFAULT_VAL_NAMES,
+) -> dict[str, Any]:
+    """Score a registered nucleus model on held-out MICCAI tiles.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        The ``miccai_nuclei_seg`` folder.
+    model : str
+        Registry name (its architecture, kwargs and ``io.mpp`` are used).
+    weights : Path, optional
+        A safetensors file to score instead of the registered weights.
+    names : sequence of str
+        Tiles to score (default: the held-out image03 and image11).
+
+    Returns
+    -------
+    dict
+        ``{"model", "split", "mpp", "per_image", "mean"}``: pixel Dice / precision /
+        recall and detection scores per tile and their means.
+    """
+    import dataclasses
+
+    from ..models.loading import TorchPredictor, load_model
+    from ..models.registry import load_registry
+
+    spec = load_registry().get(model)
+    if weights is not None:
+        spec = dataclasses.replace(spec, weights=Path(weights))
+    mpp = spec.io.mpp or 0.5
+    predictor = load_model(spec, device="cpu")
+    if not isinstance(predictor, TorchPredictor):
+        raise HistoAIError(f"model {model!r}: evaluation needs a torch model, not {spec.format}")
+    net = predictor.module
+    per_image: dict[str, dict[str, float]] = {}
+    for sample in load_miccai_nuclei(data_dir, mpp=mpp, names=names):
+        probability = predict_probability(net, sample.image)
+        scores = segmentation_scores(probability >= THRESHOLD, sample.mask)
+        scores.update(detection_scores(probability, sample.instances, mpp=mpp))
+        per_image[sample.name] = {k: round(v, 4) for k, v in scores.items()}
+    keys = next(iter(per_image.values())).keys() if per_image else ()
+    mean = {k: round(float(np.mean([s[k] for s in per_image.values()])), 4) for k in keys}
+    return {
+        "model": model,
+        "weights": str(spec.weights),
+        "split": f"held-out tiles {', '.join(names)} (image-disjoint from training)",
+        "mpp": mpp,
+        "per_image": per_image,
+        "mean": mean,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -832,12 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def report(record: Progress) -> None:
         if not args.quiet and record["step"] % args.steps_per_epoch == 0:
-            print(
-                f"epoch {record['epoch']:.0f}  step {record['step']:.0f}/{record['steps']:.0f}"
-                f"  loss {record['loss']:.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print_progress(record, "epoch", "step", "loss")
 
     try:
         result = train_nuclei_sync(

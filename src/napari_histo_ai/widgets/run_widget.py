@@ -349,6 +349,10 @@ class RunModelWidget(QWidget):
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         add = getattr(self._viewer, f"add_{kind}")
+        if kind in ("image", "labels"):
+            # the run writes into these arrays while they are shown: napari's dask cache
+            # would keep serving the slices computed before the tiles arrived
+            kwargs = {**kwargs, "cache": False}
         layer = add(data, **kwargs)
         self._job_layers[name] = layer
         return layer

@@ -42,6 +42,16 @@ ARCHITECTURES: dict[str, str] = {
     "tiny_classifier": "napari_histo_ai.models.architectures.tiny:TinyClassifier",
     "tiny_detector": "napari_histo_ai.models.architectures.tiny:TinyDetector",
     "unet": "napari_histo_ai.models.architectures.unet:UNet",
+    # the papers' networks (one module per paper task)
+    "mitosis_convnet": "napari_histo_ai.models.architectures.mitosis:BasicConvNet",
+    "mitosis_fcn": "napari_histo_ai.models.architectures.mitosis:MitosisFCN",
+    "tissue_fcn": "napari_histo_ai.models.architectures.tissue:TissueFCN",
+    "patch_classifier": "napari_histo_ai.models.architectures.tissue:PatchClassifier",
+    "breakhis_resnet": "napari_histo_ai.models.architectures.resnet:BreakHisResNet",
+    "mass_detector": "napari_histo_ai.models.architectures.detector:MassDetector",
+    "shallownet": "napari_histo_ai.models.architectures.shallownet:ShallowNet",
+    "shallownet_fusion": "napari_histo_ai.models.architectures.shallownet:MagnificationFusion",
+    "slice_unet": "napari_histo_ai.models.architectures.mri:SliceUNet",
 }
 
 # name → callable registered from code, or loaded from a target / an entry point
