@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from napari.layers import Layer
 
     from ..io.pyramid import Pyramid
+    from ..models.magnification import MagnificationEstimate
 
 __all__ = ["OpenImageWidget"]
 
@@ -73,6 +74,10 @@ class OpenImageWidget(QWidget):
         self._pyramid: Pyramid | None = None
         self._pyramid_key: tuple[str, str] | None = None
         self._opened: list[Layer] = []
+        self._estimate: MagnificationEstimate | None = None
+        self._estimate_worker: Any = None
+        # the estimated µm/px may fill in a pixel size the file lacks, never replace one
+        self._estimate_may_fill = False
 
         self.path_edit = QLineEdit()
         self.path_edit.setPlaceholderText("slide, volume or image file, or OME-Zarr folder")
@@ -113,6 +118,19 @@ class OpenImageWidget(QWidget):
         self.mpp_hint = QLabel("")
         self.mpp_hint.setWordWrap(True)
 
+        self.estimate_button = QPushButton("Estimate magnification")
+        self.estimate_button.setToolTip(
+            "Estimate the objective from nucleus sizes in a few tissue regions (H&E; no "
+            "model needed) and compare it with the file's metadata"
+        )
+        self.use_estimate_button = QPushButton("Use estimated µm/px")
+        self.use_estimate_button.setToolTip(
+            "Fill the pixel size with 10 µm/px ÷ estimated magnification (20× → 0.5)"
+        )
+        self.use_estimate_button.setEnabled(False)
+        self.magnification_label = QLabel("")
+        self.magnification_label.setWordWrap(True)
+
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -127,6 +145,9 @@ class OpenImageWidget(QWidget):
         button_row = QHBoxLayout()
         button_row.addWidget(self.inspect_button)
         button_row.addWidget(self.open_button)
+        estimate_row = QHBoxLayout()
+        estimate_row.addWidget(self.estimate_button)
+        estimate_row.addWidget(self.use_estimate_button)
         form = QFormLayout()
         form.addRow("File", path_row)
         form.addRow("Backend", self.backend_combo)
@@ -135,6 +156,8 @@ class OpenImageWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.mpp_hint)
         layout.addLayout(button_row)
+        layout.addLayout(estimate_row)
+        layout.addWidget(self.magnification_label)
         layout.addWidget(self.info_table, 1)
         layout.addWidget(self.status_label)
 
@@ -144,6 +167,8 @@ class OpenImageWidget(QWidget):
         self.inspect_button.clicked.connect(self.inspect_file)
         self.open_button.clicked.connect(self.open_file)
         self.apply_mpp_button.clicked.connect(self.apply_mpp)
+        self.estimate_button.clicked.connect(self.estimate_magnification)
+        self.use_estimate_button.clicked.connect(self.use_estimated_mpp)
 
     # -- inputs --------------------------------------------------------------------
     def set_path(self, path: str | Path) -> None:
@@ -187,6 +212,84 @@ class OpenImageWidget(QWidget):
     def apply_mpp(self) -> list[Layer]:
         """Set the µm/px field's value on the selected (or last opened) layer."""
         return self._guard(self._apply_mpp) or []
+
+    def estimate_magnification(self) -> Any:
+        """Estimate the magnification in a thread worker; returns the worker (or None).
+
+        Runs `napari_histo_ai.models.magnification.estimate_slide_magnification` (about
+        a second: a few 512² regions are read and segmented) off the GUI thread.
+        """
+        from napari.qt.threading import create_worker
+
+        from ..models.magnification import estimate_slide_magnification
+
+        if self._estimate_worker is not None:
+            return self._estimate_worker
+        pyramid = self._guard(self._load)
+        if pyramid is None:
+            return None
+        worker = create_worker(estimate_slide_magnification, pyramid, _start_thread=False)
+        worker.returned.connect(self._on_estimate)
+        worker.errored.connect(self._on_estimate_error)
+        worker.finished.connect(self._on_estimate_finished)
+        self._estimate_worker = worker
+        self._estimate_may_fill = pyramid.mpp_source != "file" and pyramid.spacing_mm is None
+        self.use_estimate_button.setEnabled(False)
+        self.estimate_button.setEnabled(False)
+        self.magnification_label.setStyleSheet("")
+        self.magnification_label.setText(
+            f"estimating the magnification of {Path(pyramid.path).name}…"
+        )
+        worker.start()
+        return worker
+
+    def use_estimated_mpp(self) -> list[Layer]:
+        """Put the estimate's µm/px in the pixel-size field (and on an opened layer).
+
+        Only for a file without a pixel size of its own; µm/px = 10 / magnification.
+        """
+        return self._guard(self._use_estimate) or []
+
+    def _on_estimate(self, estimate: MagnificationEstimate) -> None:
+        from napari.utils.notifications import show_warning
+
+        self._estimate = estimate
+        self.magnification_label.setText(estimate.describe())
+        self.magnification_label.setStyleSheet(_WARN_STYLE if estimate.warning else "")
+        self.use_estimate_button.setEnabled(estimate.mpp is not None and self._estimate_may_fill)
+        if estimate.warning:
+            show_warning(estimate.warning)
+
+    def _on_estimate_error(self, exc: BaseException) -> None:
+        self._show_error(
+            str(exc) if isinstance(exc, HistoAIError) else f"{type(exc).__name__}: {exc}"
+        )
+
+    def _on_estimate_finished(self) -> None:
+        self._estimate_worker = None
+        self.estimate_button.setEnabled(True)
+
+    def _use_estimate(self) -> list[Layer]:
+        estimate = self._estimate
+        if estimate is None or estimate.mpp is None:
+            raise MetadataError("no magnification estimate yet: press Estimate magnification")
+        if not self._estimate_may_fill:
+            raise MetadataError(
+                "the file records its own pixel size; the estimate only fills in a missing one"
+            )
+        self.mpp_spin.setEnabled(True)
+        self.apply_mpp_button.setEnabled(True)
+        self.mpp_spin.setValue(estimate.mpp)
+        hint = (
+            f"estimated from nuclei: {estimate.magnification:g}× → {estimate.mpp:.3g} µm/px "
+            "(10 µm/px ÷ magnification)"
+        )
+        self.mpp_hint.setStyleSheet(_WARN_STYLE)
+        self.mpp_hint.setText(hint + "; Open or Apply µm/px uses it")
+        opened = [layer for layer in self._opened if layer in self._viewer.layers]
+        if opened:
+            return self._apply_mpp()
+        return []
 
     def _guard(self, action: Callable[[], T]) -> T | None:
         try:
