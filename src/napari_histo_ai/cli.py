@@ -320,7 +320,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _default_tasks() -> dict[str, str]:
     from .training.defaults import TASKS
 
-    return {name: f"{t.summary} (data: {t.data})" for name, t in TASKS.items()}
+    def data(folder: str) -> str:
+        return "the whole data folder" if folder == "." else folder
+
+    return {name: f"{t.summary} (data: {data(t.data)})" for name, t in TASKS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
