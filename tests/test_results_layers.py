@@ -162,3 +162,41 @@ def test_viewport_box_is_the_visible_part_in_level0_pixels() -> None:
     assert (height, width) == pytest.approx((100, 200), abs=1)
     viewer.scene.camera.center = (5000.0, 5000.0)
     assert viewport_box(viewer, pyramid, layer) is None
+
+
+def test_a_volume_run_folder_keeps_the_slice_spacing(tmp_path: Path) -> None:
+    """Planes of an anisotropic volume land at its z spacing, not one unit apart."""
+    import nibabel as nib
+
+    from napari_histo_ai._napari.results import run_folder_layers
+    from napari_histo_ai.io import open_image
+    from napari_histo_ai.models.loading import load_model
+    from napari_histo_ai.models.spec import ModelSpec
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(24, 24, 4)).astype(np.float32)  # NIfTI (x, y, z)
+    path = tmp_path / "aniso.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 3.0, 1.0])), path)
+    pyramid = open_image(path)
+    assert pyramid.spacing_mm == pytest.approx((3.0, 0.8, 0.8))
+    spec = ModelSpec.from_dict(
+        {
+            "name": "tiny-volume",
+            "task": "t",
+            "version": "0",
+            "format": "builtin",
+            "architecture": "tiny_fcn",
+            "kwargs": {"in_channels": 1, "out_channels": 1, "depth": 1},
+            "io": {"patch_size": 24, "channels": 1, "normalisation": {"method": "zscore"}},
+            "outputs": [{"name": "map", "kind": "probability"}],
+        },
+        source="test",
+    )
+    result = run_model_sync(
+        pyramid, load_model(spec, device="cpu"), tmp_path / "run.zarr", config=RunConfig()
+    )
+    assert result.complete and result.planes == (4,)
+    ((_, kwargs, kind),) = run_folder_layers(result.path)
+    assert kind == "image"
+    assert kwargs["scale"][0] == pytest.approx(3.0)
+    assert kwargs["scale"][1:] == pytest.approx((0.8, 0.8))

@@ -401,7 +401,11 @@ def run_folder_layers(path: str | Path) -> list[LayerDataTuple]:
     geometry = {o.name: geo for o in spec.outputs}
     image = Path(str(record["image"])).name
     n_plane = len(record.get("planes", []))
-    plane_scale = (1.0,) * n_plane
+    saved_scale = record.get("plane_scale") or ()
+    # runs written before plane_scale was recorded: planes one unit apart
+    plane_scale = (
+        tuple(float(v) for v in saved_scale) if len(saved_scale) == n_plane else (1.0,) * n_plane
+    )
     # napari wants one unit per axis: the last plane axis is Z (the image's unit, as
     # layer_units gives it), others (T) are plain indices
     plane_units = (*("pixel",) * (n_plane - 1), geo.unit) if n_plane else ()

@@ -731,10 +731,19 @@ def run_model(
         if not same or not config.resume:
             shutil.rmtree(out)
             group = None
+    # world scale of the plane axes (e.g. a volume's z spacing in mm), so that a run folder
+    # opened on its own places its planes like the source layer; not part of `record`,
+    # which decides whether a run resumes
+    nonchannel = [a for a in pyramid.axes if a != "S"]
+    full_scale = pyramid.layer_scale()
+    described = {
+        "spec": spec.to_dict(),
+        "plane_scale": [float(full_scale[nonchannel.index(a)]) for a in plane_axes],
+    }
     if group is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(out), mode="w")
-        group.attrs[RECORD_KEY] = cast(Any, {**record, "spec": spec.to_dict()})
+        group.attrs[RECORD_KEY] = cast(Any, {**record, **described})
         created = True
     # ---- stain normalisation: the source stains, fitted once per run (kept on resume)
     stain_info: dict[str, Any] | None = None
@@ -745,9 +754,7 @@ def run_model(
             stain_info = dict(saved)
         else:
             stain_info = _fit_slide_stains(pyramid, plan, grid, selected, planes[0], fill, spec)
-            group.attrs[RECORD_KEY] = cast(
-                Any, {**record, "spec": spec.to_dict(), "stain_source": stain_info}
-            )
+            group.attrs[RECORD_KEY] = cast(Any, {**record, **described, "stain_source": stain_info})
     stain_source = _stain_source(stain_info)
     run_warnings = [stain_info["warning"]] if stain_info and "warning" in stain_info else []
 
