@@ -63,8 +63,7 @@ import numpy as np
 
 from ..errors import HistoAIError, ImageReadError
 from ..models.spec import Normalisation
-from .common import print_progress, run_to_end, save_weights_and_record
-from .nuclei import _sha256
+from .common import print_progress, run_to_end, save_weights_and_record, sha256
 
 if TYPE_CHECKING:
     import torch
@@ -773,7 +772,7 @@ def train_breakhis(
     idc_digest = hashlib.sha256()
     for file in idc_files:
         idc_digest.update(file.name.encode())
-        idc_digest.update(_sha256(file).encode())
+        idc_digest.update(sha256(file).encode())
     record: dict[str, Any] = {
         "architecture": "breakhis_resnet",
         "kwargs": arch,
@@ -806,7 +805,7 @@ def train_breakhis(
         "command": command or _default_command(["--data", str(data_dir), "--out", str(out_path)]),
         "data": {
             "folder": str(data_dir),
-            "breakhis_sha256": {p.stem: _sha256(p)[:16] for p in bh_files},
+            "breakhis_sha256": {p.stem: sha256(p)[:16] for p in bh_files},
             "idc_files": len(idc_files),
             "idc_sha256_of_names_and_hashes": idc_digest.hexdigest()[:16],
         },

@@ -70,12 +70,8 @@ from ..models.magnification import (
     nucleus_areas,
     tissue_pixels,
 )
-from .common import print_progress, run_to_end, save_weights_and_record
-from .nuclei import (
-    _augment,
-    _sha256,
-    load_miccai_nuclei,
-)
+from .common import print_progress, run_to_end, save_weights_and_record, sha256
+from .nuclei import _augment, load_miccai_nuclei
 
 if TYPE_CHECKING:
     import torch
@@ -777,9 +773,9 @@ def train_magnification(
             "views": len(views),
             "train_views": len(train_views),
             "sha256_miccai": {
-                p.name: _sha256(p)[:16] for p in sorted(miccai.glob("image*")) if p.is_file()
+                p.name: sha256(p)[:16] for p in sorted(miccai.glob("image*")) if p.is_file()
             },
-            "sha256_cmu1": _sha256(_cmu_path(data_dir))[:16] if use_cmu else None,
+            "sha256_cmu1": sha256(_cmu_path(data_dir))[:16] if use_cmu else None,
         },
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -46,8 +46,7 @@ import numpy as np
 
 from .. import metrics
 from ..errors import HistoAIError, ImageReadError
-from .common import print_progress, run_to_end, save_weights_and_record
-from .nuclei import _sha256
+from .common import print_progress, run_to_end, save_weights_and_record, sha256
 
 if TYPE_CHECKING:
     import torch
@@ -1009,8 +1008,8 @@ def train_mammogram(
         "command": command or _default_command(data_dir, out_path, seed, epochs),
         "data": {
             "folder": str(data_dir),
-            "sha256": {f.path.name: _sha256(f.path)[:16] for f in films}
-            | {"Info.txt": _sha256(data_dir / "Info.txt")[:16]},
+            "sha256": {f.path.name: sha256(f.path)[:16] for f in films}
+            | {"Info.txt": sha256(data_dir / "Info.txt")[:16]},
         },
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),

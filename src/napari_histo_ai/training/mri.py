@@ -65,8 +65,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import HistoAIError, ImageReadError
-from .common import print_progress, run_to_end, save_weights_and_record
-from .nuclei import _sha256
+from .common import print_progress, run_to_end, save_weights_and_record, sha256
 
 if TYPE_CHECKING:
     import torch
@@ -657,7 +656,7 @@ def train_mri(
         ),
         "data": {
             "folder": str(data_dir),
-            "sha256": {f"{p.parent.name}/{p.name}": _sha256(p)[:16] for p in files},
+            "sha256": {f"{p.parent.name}/{p.name}": sha256(p)[:16] for p in files},
         },
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

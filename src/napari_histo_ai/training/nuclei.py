@@ -52,10 +52,8 @@ import numpy as np
 
 from ..errors import HistoAIError, ImageReadError
 from .common import (
-    atomic_write,
     print_progress,
     run_to_end,
-    save_weights,
     save_weights_and_record,
     sha256,
 )
@@ -481,12 +479,6 @@ def predict_probability(
     return probability.astype(np.float32)
 
 
-# the shared helpers, under the names the other training modules import from here
-_atomic_write = atomic_write
-_save_weights = save_weights
-_sha256 = sha256
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -735,7 +727,7 @@ def train_nuclei(
         "data": {
             "folder": str(data_dir),
             "source_mpp": {s.name: s.source_mpp for s in samples},
-            "sha256": {p.name: _sha256(p)[:16] for p in files if p.is_file()},
+            "sha256": {p.name: sha256(p)[:16] for p in files if p.is_file()},
         },
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

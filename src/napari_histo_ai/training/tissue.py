@@ -1047,9 +1047,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         choices=("idc-tumour", "tissue-fcn"),
-        help="network to train (`train-default idc` / `train-default tissue` set it); "
-        "default: tissue-fcn when the --out file name starts with 'tissue-fcn', else "
-        "idc-tumour",
+        default="idc-tumour",
+        help="network to train (`train-default idc` / `train-default tissue` set it)",
     )
     parser.add_argument("--stain", action="store_true", help="Macenko-normalise patches")
     parser.add_argument("--device", default="cpu")
@@ -1064,9 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             last_epoch[0] = int(record["epoch"])
             print_progress(record, "epoch", "step", "loss")
 
-    fcn = args.model == "tissue-fcn" or (
-        args.model is None and args.out.name.startswith("tissue-fcn")
-    )
+    fcn = args.model == "tissue-fcn"
     try:
         if fcn:
             result: dict[str, Any] = _run(
