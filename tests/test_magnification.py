@@ -243,8 +243,7 @@ def test_open_widget_estimates_and_fills_a_missing_mpp(make_napari_viewer, qtbot
     assert not widget.use_estimate_button.isEnabled()
     worker = widget.estimate_magnification()
     assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
+    qtbot.waitUntil(lambda: widget._estimate_worker is None, timeout=60_000)
     estimate = widget._estimate
     assert estimate is not None and estimate.magnification in mag.MAGNIFICATIONS
     assert f"{estimate.magnification:g}×" in widget.magnification_label.text()
@@ -257,8 +256,7 @@ def test_open_widget_estimates_and_fills_a_missing_mpp(make_napari_viewer, qtbot
 
     widget.set_path(real(CMU))  # a pixel size in the file: the estimate must not replace it
     worker = widget.estimate_magnification()
-    with qtbot.waitSignal(worker.finished, timeout=60_000):
-        pass
+    qtbot.waitUntil(lambda: widget._estimate_worker is None, timeout=60_000)
     assert widget._estimate.magnification == 20 and not widget.use_estimate_button.isEnabled()
 
 

@@ -64,8 +64,8 @@ def _run(viewer, qtbot, path: Path, model: str, tmp_path: Path, errors: list[str
     widget.region_combo.setCurrentText("Whole image")
     worker = widget.run()
     assert worker is not None, errors
-    with qtbot.waitSignal(worker.finished, timeout=240_000):
-        pass
+    # the widget's state, not worker.finished (it may fire before a waitSignal connects)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=240_000)
     assert not errors, errors
     assert widget.result is not None and widget.result.complete
     return widget, layer

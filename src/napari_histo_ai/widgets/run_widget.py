@@ -282,7 +282,7 @@ class RunModelWidget(QWidget):
 
     def cancel(self) -> None:
         """Stop after the current batch; what is written stays and a new Run resumes."""
-        if self._cancel is not None:
+        if self._cancel is not None and self._worker is not None:
             self._cancel.set()
             self._set_status("cancelling after this batch…")
             self.cancel_button.setEnabled(False)
