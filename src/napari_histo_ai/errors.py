@@ -105,3 +105,26 @@ class ModelInputError(HistoAIError):
 
 class RunStateError(HistoAIError):
     """An output folder holds a run that cannot be resumed with these settings."""
+
+
+class AnnotationError(HistoAIError):
+    """An annotation file, store or mask cannot be used as it is.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (or store) concerned.
+    problem : str
+        What is wrong, naming the value (line, feature index, class, size).
+    hint : str, optional
+        What the user can do.
+    """
+
+    def __init__(self, path: str | Path, problem: str, hint: str = "") -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.hint = hint
+        message = f"{path}: {problem}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)

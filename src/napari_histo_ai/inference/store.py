@@ -18,7 +18,6 @@ result, and resuming recomputes only tiles that touch unfinished cells.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,30 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import write_json_atomic as _write_json
+
 RECORD_KEY = "napari_histo_ai"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    _write_json(path, data, fsync=False)
 
 
 def save_progress(path: Path, **arrays: np.ndarray) -> None:
