@@ -202,13 +202,17 @@ def content_hash(path: str | Path) -> str:
 
     ``"sha256-ends:"`` + SHA-256 over the file size and its first and last 8 MiB; files
     up to 16 MiB are hashed whole (``"sha256:"``). For a folder (OME-Zarr), the sorted
-    relative names and sizes of its files plus the bytes of its metadata files.
+    relative names and sizes of its files plus the bytes of its metadata files. A
+    ``labels/`` group inside the folder (OME-Zarr labels, which our exports may add) is
+    left out, so exporting labels into an image does not change its identity.
     """
     path = Path(path)
     h = hashlib.sha256()
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             rel = f.relative_to(path).as_posix()
+            if rel.split("/", 1)[0] == "labels":
+                continue
             h.update(f"{rel}\0{f.stat().st_size}\n".encode())
             if f.name in (".zattrs", ".zgroup", ".zarray", "zarr.json"):
                 h.update(f.read_bytes())
