@@ -46,6 +46,16 @@ import numpy as np
 
 from .. import metrics
 from ..errors import HistoAIError, ImageReadError
+from ..io.mias import (  # the Info.txt parser; names kept importable from here
+    ABNORMALITIES,  # noqa: F401
+    FILM,
+    PIXEL_UM,
+    SEVERITY,
+    TISSUES,  # noqa: F401
+    InfoRow,
+    _info_error,  # noqa: F401
+    read_info,
+)
 from .common import print_progress, run_to_end, save_weights_and_record, sha256
 
 if TYPE_CHECKING:
@@ -69,10 +79,6 @@ __all__ = [
     "train_mammogram_sync",
 ]
 
-#: side of a mini-MIAS film, px (200 µm each)
-FILM = 1024
-#: µm per film pixel
-PIXEL_UM = 200.0
 #: engine patch (the whole film plus the halo) and halo, film px
 PATCH = 1280
 HALO = 128
@@ -87,9 +93,6 @@ CLIP_LIMIT = 2.0
 CLAHE_TILES = 8
 #: detection classes, heatmap channels 0 and 1
 CLASSES = ("benign", "malignant")
-SEVERITY = {"B": 0, "M": 1}
-TISSUES = ("F", "G", "D")
-ABNORMALITIES = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM", "NORM")
 #: a prediction hits a true box when OR = |A∩B| / |A| ≥ this (paper 002, ORT 0.5)
 OR_THRESHOLD = 0.5
 IOU_THRESHOLD = 0.5
@@ -104,119 +107,7 @@ Progress = dict[str, float]
 # --------------------------------------------------------------------------- Info.txt
 
 
-@dataclass(frozen=True)
-class InfoRow:
-    """One row of the MIAS ``Info.txt``.
-
-    Parameters
-    ----------
-    ref : str
-        Film, e.g. ``"mdb001"``.
-    tissue : str
-        Background tissue: ``F`` fatty, ``G`` fatty-glandular, ``D`` dense-glandular.
-    abnormality : str
-        ``CALC``, ``CIRC``, ``SPIC``, ``MISC``, ``ARCH``, ``ASYM`` or ``NORM``.
-    severity : str or None
-        ``B`` / ``M``; ``None`` for ``NORM``.
-    x, y : int or None
-        Centre, film px, origin bottom-left; ``None`` when not given.
-    radius : int or None
-        Radius of the enclosing circle, film px.
-    line : int
-        Line number in the file (1-based).
-    """
-
-    ref: str
-    tissue: str
-    abnormality: str
-    severity: str | None
-    x: int | None
-    y: int | None
-    radius: int | None
-    line: int
-
-
-def _info_error(path: Path, line: int, text: str, problem: str) -> HistoAIError:
-    return HistoAIError(
-        f"{path}, line {line}: {problem} in {text.strip()!r} (expected 'ref tissue class "
-        "[severity x y radius]' as in the MIAS Info.txt, e.g. 'mdb001 G CIRC B 535 425 197'); "
-        "fix or remove the line"
-    )
-
-
-def read_info(path: str | Path) -> list[InfoRow]:
-    """Parse the MIAS ``Info.txt`` truth list.
-
-    Parameters
-    ----------
-    path : str or Path
-        The file: one abnormality per line, whitespace-separated ``ref tissue class
-        [severity [x y radius | *NOTE n*]]``; blank lines are skipped; a header line
-        starting with ``REF`` is allowed.
-
-    Returns
-    -------
-    list of InfoRow
-        In file order (a film with several abnormalities has several rows).
-
-    Raises
-    ------
-    HistoAIError
-        The file is missing or unreadable, or a line is malformed (the message names
-        the file, the line number, the line and what was expected).
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="ascii", errors="strict").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HistoAIError(
-            f"{path}: cannot read the MIAS truth list ({exc}); expected the Info.txt of mini-MIAS"
-        ) from exc
-    rows: list[InfoRow] = []
-    for n, text in enumerate(lines, start=1):
-        tokens = text.split()
-        if not tokens or (n == 1 and tokens[0].upper() == "REF"):
-            continue
-
-        def fail(problem: str, n: int = n, text: str = text) -> HistoAIError:
-            return _info_error(path, n, text, problem)
-
-        if len(tokens) < 3:
-            raise fail(f"{len(tokens)} field(s)")
-        ref, tissue, abnormality = tokens[0], tokens[1].upper(), tokens[2].upper()
-        if not (ref.startswith("mdb") and ref[3:].isdigit()):
-            raise fail(f"film reference {ref!r} is not 'mdbNNN'")
-        if tissue not in TISSUES:
-            raise fail(f"background tissue {tokens[1]!r} is not one of {', '.join(TISSUES)}")
-        if abnormality not in ABNORMALITIES:
-            raise fail(f"class {tokens[2]!r} is not one of {', '.join(ABNORMALITIES)}")
-        rest = tokens[3:]
-        if abnormality == "NORM":
-            if rest:
-                raise fail("a NORM row has extra fields")
-            rows.append(InfoRow(ref, tissue, abnormality, None, None, None, None, n))
-            continue
-        if not rest:
-            raise fail(f"class {abnormality} has no severity (B or M)")
-        severity = rest[0].upper()
-        if severity not in SEVERITY:
-            raise fail(f"severity {rest[0]!r} is not B or M")
-        numbers = rest[1:]
-        if not numbers or numbers[0].startswith("*"):
-            rows.append(InfoRow(ref, tissue, abnormality, severity, None, None, None, n))
-            continue
-        if len(numbers) != 3:
-            raise fail(f"{len(numbers)} number(s) after the severity instead of x y radius")
-        try:
-            x, y, radius = (int(v) for v in numbers)
-        except ValueError:
-            raise fail(f"x y radius {' '.join(numbers)!r} are not integers") from None
-        if not (0 <= x <= FILM and 0 <= y <= FILM):
-            raise fail(f"centre ({x}, {y}) lies outside the {FILM} × {FILM} film")
-        if radius <= 0:
-            raise fail(f"radius {radius} is not positive")
-        rows.append(InfoRow(ref, tissue, abnormality, severity, x, y, radius, n))
-    return rows
+# InfoRow, read_info and _info_error live in napari_histo_ai.io.mias (imported above).
 
 
 # --------------------------------------------------------------------------- films
