@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import dask.array
     import numpy as np
 
-__all__ = ["open_pyramid", "sniff"]
+__all__ = ["open_pyramid", "sniff", "write_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -432,3 +432,40 @@ def open_pyramid(path: Path) -> Pyramid:
         affine=affine,
         metadata=metadata,
     )
+
+
+# -- write ---------------------------------------------------------------------------------
+def write_labels(data: np.ndarray, path: str | Path, *, affine: Any, description: str = "") -> Path:
+    """Write a (Z, Y, X) integer label volume as a NIfTI-1 file, atomically.
+
+    Parameters
+    ----------
+    data : numpy.ndarray of int, shape (Z, Y, X)
+        Labels in the array order `open_pyramid` returns; stored in the file's
+        (X, Y, Z) order, so reading the file back gives the same (Z, Y, X) array.
+    path : str or Path
+        ``.nii`` or ``.nii.gz`` (gzipped); written to a temporary file and renamed.
+    affine : array-like, shape (4, 4)
+        Voxel-to-world matrix of the file's voxel indices (i, j, k) = (x, y, z), in mm:
+        the ``affine`` of the volume the labels belong to. Stored as sform and qform
+        (code 1, scanner).
+    description : str
+        Header ``descrip`` (at most 79 characters kept), e.g. the class names.
+
+    Returns
+    -------
+    Path
+    """
+    import nibabel
+    import numpy as np
+
+    from ..atomic import write_atomic
+
+    matrix = np.asarray(affine, dtype=np.float64)
+    img = nibabel.Nifti1Image(np.asarray(data).transpose(2, 1, 0), matrix)
+    img.set_sform(matrix, code=1)
+    img.set_qform(matrix, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header.set_intent("label")
+    img.header["descrip"] = description[:79].encode("latin-1", "replace")
+    return write_atomic(path, lambda tmp: nibabel.save(img, str(tmp)))
