@@ -15,7 +15,19 @@ Usage::
     napari-histo-ai evaluate --model NAME --data DIR [--weights FILE] [--json-out FILE]
     napari-histo-ai bench read [PATH...] [--reads N] [--region PX] [--generate OUT.tif]
     napari-histo-ai bench infer PATH [--model NAME] [--generate] [--tiles N] [--device D]
+    napari-histo-ai bench annotations [--sizes N...] [--polygons N] [--json-out F]
         [--batch-size N] [--json-out FILE]
+    napari-histo-ai import FILE --image IMG [--store STORE] [--format F] [--source S]
+        [--model-version V] [--classes A,B]
+    napari-histo-ai export [--store STORE] [--image IMG] --format geojson|csv|coco|mias|
+        ome-zarr|nifti --out PATH [--labels LABELS]
+    napari-histo-ai training-set --image IMG [--store STORE] --out DIR --mpp M
+        [--patch-size N] [--targets auto|mask|points|boxes] [--labels LABELS]
+    napari-histo-ai annotations STORE
+
+Without ``--store`` the store is ``<image>.annotations.sqlite`` beside the image (or
+``~/.napari-histo-ai/annotations/<hash>.sqlite`` when that folder is read-only; see
+`napari_histo_ai.annotations.store_paths`).
 """
 
 from __future__ import annotations
@@ -289,7 +301,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2))
         return 0
-    raise HistoAIError(f"unknown benchmark {args.what!r}: expected one of: read, infer")
+    if args.what == "annotations":
+        from .atomic import write_json_atomic as write_json
+        from .bench.annotations import run_annotation_benchmark
+
+        for n in args.sizes:
+            _check_positive("--sizes", n)
+        _check_positive("--repeats", args.repeats)
+        result = run_annotation_benchmark(
+            sizes=args.sizes,
+            n_polygons=args.polygons,
+            repeats=args.repeats,
+            seed=args.seed,
+            work_dir=args.work_dir,
+        )
+        if args.json_out:
+            write_json(args.json_out, result)
+        print(json.dumps(result, indent=2))
+        return 0
+    raise HistoAIError(
+        f"unknown benchmark {args.what!r}: expected one of: read, infer, annotations"
+    )
 
 
 def _cmd_train_default(args: argparse.Namespace) -> int:
@@ -314,6 +346,254 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json_out:
         Path(args.json_out).write_text(text + "\n", encoding="utf-8")
     print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- annotations
+def _open_image_ref(image: str, *, mpp: float | None = None) -> Any:
+    """The `ImageRef` of ``image`` (opened once for its shape, µm/px and content hash)."""
+    from .annotations.model import ImageRef
+    from .io import open_image
+
+    pyramid = open_image(image)
+    try:
+        if mpp is not None:
+            pyramid.set_mpp(mpp)
+        return ImageRef.from_pyramid(pyramid)
+    finally:
+        pyramid.close()
+
+
+def _store_path(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from .annotations.store_paths import default_store_path
+
+    if args.store:
+        return Path(args.store)
+    if not args.image:
+        raise HistoAIError("give --store STORE, or --image IMG to use the store beside the image")
+    return default_store_path(args.image)
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    """Open ``--store`` (or the image's default store), checked against ``--image``."""
+    from .annotations.store import AnnotationStore
+
+    ref = _open_image_ref(args.image) if args.image else None
+    return AnnotationStore.open(_store_path(args), image=ref)
+
+
+def _write_json_out(args: argparse.Namespace, result: Any) -> None:
+    if getattr(args, "json_out", None):
+        from pathlib import Path
+
+        from .atomic import write_json_atomic
+
+        write_json_atomic(Path(args.json_out), result)
+
+
+def _store_summary(store: Any) -> dict[str, Any]:
+    from collections import Counter
+
+    from .annotations.model import KINDS, REVIEW_STATES
+
+    classes: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    for ann in store.iter_all():
+        classes[ann.class_name] += 1
+        sources[f"{ann.source}:{ann.model_version}" if ann.model_version else ann.source] += 1
+    return {
+        "store": str(store.path),
+        "image": store.image.to_dict(),
+        "classes": list(store.classes),
+        "total": len(store),
+        "by_kind": {k: n for k in KINDS if (n := store.count(kinds=[k]))},
+        "by_review": {r: n for r in REVIEW_STATES if (n := store.count(reviews=[r]))},
+        "by_class": dict(sorted(classes.items())),
+        "by_source": dict(sorted(sources.items())),
+        "can_undo": bool(store.can_undo),
+        "metadata": dict(store.metadata),
+    }
+
+
+def _split_classes(text: str | None) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else []
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from .annotations.formats import import_annotations
+    from .annotations.store import AnnotationStore
+
+    file = Path(args.file)
+    if not file.exists():
+        raise HistoAIError(f"{file}: no such file to import")
+    ref = _open_image_ref(args.image, mpp=args.image_mpp)
+    classes = _split_classes(args.classes)
+    store_path = _store_path(args)
+    # read the file first: a file that fails leaves no new store behind
+    store = AnnotationStore.open(store_path, image=ref) if store_path.exists() else None
+    try:
+        vocab = list(store.classes) if store is not None else []
+        vocab += [c for c in classes if c not in vocab]
+        kwargs: dict[str, Any] = {"classes": vocab, "allow_new_classes": not classes}
+        if args.source is not None:
+            kwargs["source"] = args.source
+        if args.model_version is not None:
+            kwargs["model_version"] = args.model_version
+        image = store.image if store is not None else ref
+        annotations = import_annotations(file, image=image, format=args.format, **kwargs)
+        if store is None:
+            store = AnnotationStore.create(store_path, ref, classes=classes)
+        else:
+            for name in classes:
+                store.add_class(name)
+        ids = store.add(annotations, label=f"import {file.name}", allow_new_classes=not classes)
+        result = {
+            "file": str(file),
+            "store": str(store.path),
+            "imported": len(ids),
+            "by_kind": dict(Counter(a.kind for a in annotations)),
+            "by_class": dict(Counter(a.class_name for a in annotations)),
+            "by_review": dict(Counter(a.review for a in annotations)),
+            "total": len(store),
+        }
+    finally:
+        if store is not None:
+            store.close()
+    _write_json_out(args, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    store = _open_store(args)
+    try:
+        if args.format in ("ome-zarr", "nifti"):
+            from .annotations.label_formats import export_nifti_labels, export_ome_zarr_labels
+            from .annotations.labels import LabelPyramid
+            from .annotations.store_paths import default_labels_path
+
+            labels_path = args.labels or default_labels_path(store.path)
+            if not args.labels and not labels_path.exists():
+                raise HistoAIError(
+                    f"--format {args.format} exports a label mask, and {store.path} has no "
+                    f"label pyramid beside it ({labels_path.name}): give --labels LABELS"
+                )
+            labels = LabelPyramid.open(labels_path, image=store.image)
+            writer = export_ome_zarr_labels if args.format == "ome-zarr" else export_nifti_labels
+            path = writer(labels, out)
+            count = None
+        else:
+            from .annotations.formats import export_annotations
+
+            annotations = list(store.iter_all())
+            path = export_annotations(
+                annotations, out, image=store.image, format=args.format, classes=store.classes
+            )
+            count = len(annotations)
+        result = {
+            "store": str(store.path),
+            "format": args.format,
+            "out": str(path),
+            "objects": count,
+        }
+    finally:
+        store.close()
+    _write_json_out(args, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_annotations(args: argparse.Namespace) -> int:
+    from .annotations.store import AnnotationStore
+
+    store = AnnotationStore.open(args.store)
+    try:
+        result = _store_summary(store)
+    finally:
+        store.close()
+    _write_json_out(args, result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_training_set(args: argparse.Namespace) -> int:
+    from .annotations.model import ImageRef
+    from .annotations.store import AnnotationStore
+    from .annotations.training_set import ExportProgress, export_training_set_sync
+    from .io import open_image
+
+    _check_positive("--mpp", args.mpp)
+    _check_positive("--patch-size", args.patch_size)
+    _check_positive("--sigma-um", args.sigma_um)
+    pyramid = open_image(args.image)
+    try:
+        if args.image_mpp is not None:
+            pyramid.set_mpp(args.image_mpp)
+        ref = ImageRef.from_pyramid(pyramid)
+        store = AnnotationStore.open(_store_path(args), image=ref)
+        labels = None
+        try:
+            if args.labels:
+                from .annotations.labels import LabelPyramid
+
+                labels = LabelPyramid.open(args.labels, image=store.image)
+            last = [time.monotonic()]
+
+            def report(p: ExportProgress) -> None:
+                now = time.monotonic()
+                if now - last[0] >= PROGRESS_INTERVAL_S or p.done == p.total:
+                    last[0] = now
+                    print(f"{p.done}/{p.total} samples", file=sys.stderr, flush=True)
+
+            cancel = threading.Event()
+            with _StopOnInterrupt(cancel):
+                manifest = export_training_set_sync(
+                    store,
+                    pyramid,
+                    args.out,
+                    on_progress=report,
+                    mpp=args.mpp,
+                    patch_size=args.patch_size,
+                    targets=args.targets,
+                    sigma_um=args.sigma_um,
+                    negatives_per_positive=args.negatives_per_positive,
+                    labels=labels,
+                    seed=args.seed,
+                    cancel=cancel,
+                    image_format=args.image_format,
+                )
+        finally:
+            store.close()
+    finally:
+        pyramid.close()
+    result = {
+        "out": str(manifest.path),
+        "complete": manifest.complete,
+        "manifest": str(manifest.path / "manifest.json") if manifest.complete else None,
+        "targets": manifest.targets,
+        "mpp": manifest.mpp,
+        "patch_size": manifest.patch_size,
+        "counts": manifest.counts,
+        "model_versions": manifest.model_versions,
+        "annotators": manifest.annotators,
+    }
+    _write_json_out(args, result)
+    print(json.dumps(result, indent=2))
+    if not manifest.complete:
+        print(
+            f"error: {manifest.path}: stopped before the end, no manifest written "
+            "(run the same command again)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -505,6 +785,111 @@ def build_parser() -> argparse.ArgumentParser:
         help="real slide to tile --generate from (default: the bundled sample slide)",
     )
     p.set_defaults(func=_cmd_bench)
+
+    p = benches.add_parser(
+        "annotations",
+        help="annotation store at 10^5-10^6 objects: build, viewport query, edit, undo, export",
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[100_000, 1_000_000],
+        metavar="N",
+        help="point counts, one store each (default: 100000 1000000)",
+    )
+    p.add_argument("--polygons", type=int, default=100_000, metavar="N", help="polygons (0: skip)")
+    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed repeats")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="where the temporary stores go")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "import",
+        help="add the objects of an annotation file to an image's store (one undoable step)",
+        description="Read GeoJSON (QuPath), CSV points, COCO JSON or a mini-MIAS Info.txt "
+        "and add its objects to the image's annotation store (created if absent; default: "
+        "<image>.annotations.sqlite beside the image). Prints the counts as JSON.",
+    )
+    p.add_argument("file", metavar="FILE", help="the annotation file to import")
+    p.add_argument("--image", required=True, metavar="IMG", help="the image annotated")
+    p.add_argument("--store", default=None, metavar="STORE", help="the store (.sqlite)")
+    p.add_argument(
+        "--format", default=None, metavar="F", help="geojson, csv, coco or mias (default: sniffed)"
+    )
+    p.add_argument("--source", default=None, metavar="S", help="source: 'human' or a model name")
+    p.add_argument("--model-version", default=None, metavar="V", help="the model's version")
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="A,B,...",
+        help="allowed classes (added to the store's); objects of other classes are refused. "
+        "Default: any class, new ones join the store's vocabulary",
+    )
+    p.add_argument(
+        "--image-mpp", type=float, default=None, metavar="M", help="µm/px of the image (override)"
+    )
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser(
+        "export",
+        help="write a store's objects (or a label pyramid) as GeoJSON, CSV, COCO, MIAS, "
+        "OME-Zarr or NIfTI labels",
+    )
+    p.add_argument("--store", default=None, metavar="STORE", help="default: beside --image")
+    p.add_argument("--image", default=None, metavar="IMG", help="the image (identity checked)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["geojson", "csv", "coco", "mias", "ome-zarr", "nifti"],
+    )
+    p.add_argument("--out", required=True, metavar="PATH", help="the file (or folder) to write")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="LABELS",
+        help="label pyramid for ome-zarr / nifti (default: <image>.labels.zarr beside the store)",
+    )
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "training-set",
+        help="export patches + targets around reviewed objects, with a manifest",
+        description="Cut patches at exactly --mpp µm/px around reviewed objects "
+        "(accepted, corrected, added), rejected model objects (hard negatives) and random "
+        "negatives, with mask / point-map / box targets; DIR/manifest.csv and "
+        "DIR/manifest.json are written last. Ctrl-C stops (exit 130, no manifest).",
+    )
+    p.add_argument("--store", default=None, metavar="STORE", help="default: beside --image")
+    p.add_argument("--image", required=True, metavar="IMG", help="the image annotated")
+    p.add_argument("--out", required=True, metavar="DIR", help="new, empty or earlier set")
+    p.add_argument("--mpp", required=True, type=float, metavar="M", help="µm per patch pixel")
+    p.add_argument("--patch-size", type=int, default=256, metavar="N", help="patch edge, px")
+    p.add_argument("--targets", default="auto", choices=["auto", "mask", "points", "boxes"])
+    p.add_argument(
+        "--sigma-um", type=float, default=4.0, metavar="S", help="σ of point targets, µm"
+    )
+    p.add_argument(
+        "--negatives-per-positive", type=float, default=1.0, metavar="R", help="default 1"
+    )
+    p.add_argument("--labels", default=None, metavar="LABELS", help="mask targets from here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-format", default="png", choices=["png", "tif"])
+    p.add_argument(
+        "--image-mpp", type=float, default=None, metavar="M", help="µm/px of the image (override)"
+    )
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_training_set)
+
+    p = sub.add_parser(
+        "annotations", help="print a store's summary (counts per kind, review, class) as JSON"
+    )
+    p.add_argument("store", metavar="STORE", help="an *.annotations.sqlite store")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_annotations)
     return parser
 
 
