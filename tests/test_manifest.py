@@ -69,11 +69,19 @@ def test_contributions(manifest):
     assert [w.display_name for w in contributions.widgets or []] == [
         "Open slide / volume",
         "Run model",
+        "Review & correct",
     ]
+    writers = {(w.command, tuple(w.layer_types), tuple(w.filename_extensions))
+               for w in contributions.writers or []}  # fmt: skip
+    assert writers == {
+        ("napari-histo-ai.write_points_geojson", ("points",), (".geojson",)),
+        ("napari-histo-ai.write_shapes_geojson", ("shapes",), (".geojson",)),
+        ("napari-histo-ai.write_points_csv", ("points",), (".csv",)),
+    }
     command_ids = {c.id for c in contributions.commands or []}
-    assert {reader.command, sample.command} | {w.command for w in contributions.widgets} <= (
-        command_ids
-    )
+    assert {reader.command, sample.command} | {w.command for w in contributions.widgets} | {
+        w.command for w in contributions.writers or []
+    } <= command_ids
 
 
 def test_sample_file_is_packaged():
