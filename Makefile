@@ -50,12 +50,15 @@ bench: install
 	$(BIN)/python benchmarks/bench_read.py --generate .bench/slide-100k.tif
 
 # interactive window where a display exists; headless: runs under Xvfb, saves .demo/demo.png
+# (the model's nuclei are then made editable in "Review & correct"; store in .demo/annotations)
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py --review .demo/annotations
 
 # refresh the README screenshot from the real app
 screenshot: install
 	$(BIN)/python scripts/demo.py --screenshot docs/images/demo.png
+	$(BIN)/python scripts/demo.py --review $$(mktemp -d) --size 1800x1000 --delay 2 \
+		--screenshot docs/images/review.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo .bench

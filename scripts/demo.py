@@ -57,6 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="registered model to run on the image (default nuclei-unet; 'none' to skip)",
     )
     parser.add_argument(
+        "--review",
+        metavar="FOLDER",
+        type=Path,
+        help="after the run, dock 'Review & correct' with the model's points made editable "
+        "(the annotation store goes to FOLDER); a few are accepted / rejected to show the "
+        "review colours",
+    )
+    parser.add_argument(
         "--size",
         default="1400x900",
         help="window size WIDTHxHEIGHT for the screenshot (default 1400x900)",
@@ -162,7 +170,43 @@ def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namesp
         worker.finished.connect(lambda: print(f"demo: {widget.status_label.text()}"))
         if args.path is None:  # the sample: close in on the epidermis to show single nuclei
             worker.finished.connect(lambda: _show_nuclei(viewer, widget))
+        if args.review is not None:
+            worker.finished.connect(lambda: review(viewer, widget, args.review))
     return worker
+
+
+def review(viewer: napari.Viewer, run_widget: Any, folder: Path) -> None:
+    """Dock "Review & correct" on the image, make the run's points editable and review a
+    few in the middle of the view (accept six, reject two), as an annotator starts."""
+    import numpy as np
+
+    from napari_histo_ai.widgets.review_widget import ReviewWidget
+
+    widget = ReviewWidget(viewer, store_root=folder)
+    viewer.window.add_dock_widget(widget, name="Review & correct", tabify=True)
+    image = run_widget.image_combo.currentText()
+    widget.image_combo.setCurrentText(image)
+    session = widget.open_session()
+    if session is None:
+        return
+    points = [n for n, layer in run_widget.result_layers.items() if n.endswith("centres")]
+    if points and session.store.count() == 0:
+        widget.source_combo.setCurrentText(points[0])
+        widget.make_editable()
+    widget.refresh_view()
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    layer = session.points_layer
+    if session.store.count(reviews=("unreviewed",)) == session.store.count() and len(layer.data):
+        # review the markers nearest the centre of the view: accept six, reject two
+        world = np.asarray(layer.data) * np.asarray(layer.scale) + np.asarray(layer.translate)
+        order = np.argsort(np.hypot(*(world - np.asarray(camera.center)[-2:]).T))
+        for indices, action in ((order[:6], widget.accept), (order[6:8], widget.reject)):
+            ids = set(int(v) for v in layer.features["annotation_id"].iloc[indices])
+            rows = layer.features["annotation_id"].to_numpy()
+            layer.selected_data = {i for i, v in enumerate(rows) if int(v) in ids}
+            action()
+        layer.selected_data = set()
+    print(f"demo: review: {widget.status_label.text()}")
 
 
 def _show_nuclei(viewer: napari.Viewer, widget: Any) -> None:

@@ -246,14 +246,20 @@ def test_a_line_on_a_brats_slice_and_a_box_on_a_mias_film(
     widget.image_combo.setCurrentText(film.name)
     session = widget.open_session()
     assert session is not None and session.image_layer is film, errors
+    # the film's truth from Info.txt, through the Import button (one undo step)
+    widget.import_path.setText(str(real("mini_mias/Info.txt")))
+    assert widget.import_file() == 1, errors
+    (truth,) = session.store.iter_all()
+    assert truth.kind == "box" and truth.class_name == "CIRC"
     boxes = session.shapes_layer
+    assert len(boxes.data) == 1
     boxes.add([[[500, 400], [500, 520], [640, 520], [640, 400]]], shape_type="rectangle")
-    (box,) = session.store.iter_all()
+    box = max(session.store.iter_all(), key=lambda a: a.id)
     assert box.kind == "box" and box.review == "added"
     # a box off the film is refused with a notification, not a traceback
     boxes.add([[[-50, -50], [-50, -10], [-10, -10], [-10, -50]]], shape_type="rectangle")
     assert len(errors) == 1 and errors[0].startswith("edit not saved") and "outside" in errors[0]
-    assert len(boxes.data) == 1 and session.store.count() == 1
+    assert len(boxes.data) == 2 and session.store.count() == 2
     errors.clear()
     np.testing.assert_allclose(box.coords, [[500, 400], [640, 520]])
     widget.format_combo.setCurrentText("COCO JSON (.json)")
@@ -261,6 +267,6 @@ def test_a_line_on_a_brats_slice_and_a_box_on_a_mias_film(
     out = widget.export()
     assert out is not None and not errors, errors
     coco = json.loads(Path(out).read_text())
-    assert len(coco["annotations"]) == 1
+    assert len(coco["annotations"]) == 2
     # the first image's store is closed and kept
     assert AnnotationStore.open(tmp_path / f"{Path(FLAIR).name}.annotations.sqlite").count() == 1

@@ -528,6 +528,7 @@ class AnnotationSession:
             units=p.units,
             size=self._point_size(),
             border_width=0,
+            opacity=0.75,  # the nucleus under a marker stays visible
             features=self._features([]),
             metadata=self._meta(),
         )

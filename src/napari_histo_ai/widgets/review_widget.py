@@ -97,6 +97,13 @@ class ReviewWidget(QWidget):
         self.source_combo = QComboBox()
         self.source_combo.setToolTip("A model's points, boxes or lines (Run model results)")
         self.editable_button = QPushButton("Make editable")
+        self.import_path = QLineEdit()
+        self.import_path.setPlaceholderText("GeoJSON / CSV / COCO / Info.txt / run folder")
+        self.import_button = QPushButton("Import…")
+        self.import_button.setToolTip(
+            "Add the objects of a file (QuPath GeoJSON, CSV points, COCO, mini-MIAS "
+            "Info.txt) or of a run folder to this image's annotations (one undo step)"
+        )
         self.class_combo = QComboBox()
         self.class_combo.setToolTip("Class of what you draw; keys 1-9 set the selected class")
         self.class_edit = QLineEdit()
@@ -154,6 +161,10 @@ class ReviewWidget(QWidget):
         source_row.addWidget(self.source_combo, 1)
         source_row.addWidget(self.editable_button)
         form.addRow("Model output", source_row)
+        import_row = QHBoxLayout()
+        import_row.addWidget(self.import_path, 1)
+        import_row.addWidget(self.import_button)
+        form.addRow("Import", import_row)
         form.addRow("Class", self.class_combo)
         class_row = QHBoxLayout()
         class_row.addWidget(self.class_edit, 1)
@@ -195,6 +206,7 @@ class ReviewWidget(QWidget):
 
         self.open_button.clicked.connect(self.open_session)
         self.editable_button.clicked.connect(self.make_editable)
+        self.import_button.clicked.connect(self.import_file)
         self.add_class_button.clicked.connect(self.add_class)
         self.class_combo.currentTextChanged.connect(self._class_chosen)
         self.accept_button.clicked.connect(self.accept)
@@ -379,6 +391,26 @@ class ReviewWidget(QWidget):
             n = session.make_editable(self._viewer.layers[name])
             self._fill_classes()
             self._set_status(f"{n} objects of '{name}' are now editable · {self._saved_text()}")
+            return n
+
+        return self._guard(run)
+
+    def import_file(self) -> int | None:
+        """Add the objects of an annotation file or run folder (asks when empty)."""
+
+        def run() -> int | None:
+            text = self.import_path.text().strip()
+            if not text:
+                text, _ = QFileDialog.getOpenFileName(
+                    self, "Import annotations", "", "Annotations (*.geojson *.json *.csv *.txt)"
+                )
+                if not text:
+                    return None
+                self.import_path.setText(text)
+            session = self._need_session()
+            n = session.make_editable(Path(text))
+            self._fill_classes()
+            self._set_status(f"imported {n} objects from {Path(text).name} · {self._saved_text()}")
             return n
 
         return self._guard(run)
