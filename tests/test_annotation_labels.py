@@ -497,6 +497,11 @@ def test_nifti_labels_round_trip_on_brats_with_the_volume_affine(tmp_path):
     np.testing.assert_allclose(nii.affine, np.asarray(image.affine))
     np.testing.assert_array_equal(np.asarray(nii.dataobj).transpose(2, 1, 0), labels)
     np.testing.assert_array_equal(import_nifti_labels(out, image=image), labels)
+    # the provenance NIfTI's header cannot hold: image identity, spacing, classes
+    sidecar = json.loads(Path(f"{out}.json").read_text())
+    assert sidecar["image"]["content_hash"] == image.content_hash
+    assert sidecar["spacing_mm"] == list(image.spacing_mm)
+    assert sidecar["classes"]["4"] == "enhancing" and "annotator" in sidecar["provenance"]
 
     from napari_histo_ai.io.nifti import write_labels
 

@@ -473,7 +473,37 @@ def export_nifti_labels(pyramid: LabelPyramid, path: str | Path) -> Path:
     affine = _volume_affine(image, target)
     data = np.asarray(pyramid.levels()[0])
     classes = ", ".join(f"{k}={v}" for k, v in sorted(pyramid.classes.items()))
-    return write_labels(data, target, affine=affine, description=classes[:79])
+    out = write_labels(data, target, affine=affine, description=classes[:79])
+    # NIfTI's header has 80 characters of text: the provenance goes to a sidecar
+    write_json_atomic(nifti_sidecar_path(out), _export_record(pyramid, "nifti-labels"))
+    return out
+
+
+def nifti_sidecar_path(path: str | Path) -> Path:
+    """The provenance file of a NIfTI labels export: ``<file>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _export_record(pyramid: LabelPyramid, fmt: str) -> dict[str, Any]:
+    """File-level provenance of a label export: image identity and µm/px (or spacing),
+    classes, the labels' source / model version / annotator, export time, our version."""
+    import time
+
+    from .. import __version__
+
+    record = pyramid.record
+    return {
+        "format": fmt,
+        "software": "napari-histo-ai",
+        "version": __version__,
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "image": pyramid.image.to_dict(),
+        "mpp": list(pyramid.image.pixel_um) if pyramid.image.pixel_um else None,
+        "spacing_mm": list(pyramid.image.spacing_mm) if pyramid.image.spacing_mm else None,
+        "classes": {str(k): v for k, v in sorted(pyramid.classes.items())},
+        "provenance": record.get("provenance", {}),
+    }
 
 
 def import_nifti_labels(path: str | Path, *, image: ImageRef) -> np.ndarray:

@@ -202,21 +202,28 @@ def _xy_coordinates(anns: Sequence[Annotation], decimals: int | None) -> list[np
     """Per object its GeoJSON vertices (x, y) as float64 arrays, rounded in one pass:
     a point (2,), otherwise (N, 2), polygon and box rings closed (first vertex repeated).
     Each is a C-contiguous slice of one array, which orjson writes without a copy."""
-    parts = []
-    for ann in anns:
-        if ann.kind in ("box", "polygon"):
-            ring = ann.ring()
-            parts.append(np.concatenate([ring, ring[:1]])[:, ::-1])
-        else:
-            parts.append(ann.coords[:, ::-1])
-    if not parts:
+    if not anns:
         return []
-    every = np.concatenate(parts)
+    # every object's vertices (box: its four corners) in one array, then one gather that
+    # repeats each ring's first vertex at its end and swaps (row, col) to (x, y)
+    parts = [a.ring() if a.kind == "box" else a.coords for a in anns]
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    closed = np.fromiter((a.kind in ("box", "polygon") for a in anns), dtype=bool, count=len(anns))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out_lengths = lengths + closed
+    out_starts = np.concatenate([[0], np.cumsum(out_lengths)[:-1]])
+    # position inside its object of every output vertex; the closing one points at 0
+    within = np.arange(int(out_lengths.sum())) - np.repeat(out_starts, out_lengths)
+    within[within == np.repeat(lengths, out_lengths)] = 0
+    every = np.concatenate(parts)[np.repeat(starts, out_lengths) + within][:, ::-1]
     if decimals is not None:
         every = np.round(every, decimals)
     every = np.ascontiguousarray(every) + 0.0  # no -0.0 in the file
-    split = np.split(every, np.cumsum([len(p) for p in parts])[:-1])
-    return [xy[0] if ann.kind == "point" else xy for ann, xy in zip(anns, split, strict=True)]
+    ends = (out_starts + out_lengths).tolist()
+    return [
+        every[a] if ann.kind == "point" else every[a:b]
+        for ann, a, b in zip(anns, out_starts.tolist(), ends, strict=True)
+    ]
 
 
 class _FeatureIds:
@@ -227,11 +234,13 @@ class _FeatureIds:
 
     def __init__(self, content_hash: str) -> None:
         self._base = uuid.uuid5(_UUID_NAMESPACE, content_hash).int & ~self._NODE
+        # str(UUID) is 8-4-4-4-12 hex digits; the node field is the last 12
+        self._prefix = str(uuid.UUID(int=self._base))[:-12]
 
     def __call__(self, ann_id: int | None) -> str:
         if ann_id is None:
             return str(uuid.uuid4())
-        return str(uuid.UUID(int=self._base | (int(ann_id) & self._NODE)))
+        return f"{self._prefix}{int(ann_id) & self._NODE:012x}"
 
 
 def _feature(
