@@ -21,7 +21,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from napari_histo_ai.annotations.model import REVIEW_STATES, Annotation, ImageRef
+from napari_histo_ai.annotations.model import KINDS, REVIEW_STATES, Annotation, ImageRef
 from napari_histo_ai.annotations.store import SCHEMA_VERSION, AnnotationStore
 from napari_histo_ai.errors import AnnotationError
 
@@ -186,6 +186,27 @@ def populated(tmp_path_factory):
     s.close()
 
 
+def _same_columns(s: AnnotationStore, cols, anns: list[Annotation]) -> None:
+    """`query_columns` holds exactly what `query` returns, field by field."""
+    assert cols.id.tolist() == [a.id for a in anns] and len(cols) == len(anns)
+    for k, a in enumerate(anns):
+        assert KINDS[cols.kind[k]] == a.kind and REVIEW_STATES[cols.review[k]] == a.review
+        np.testing.assert_array_equal(cols.vertices(k), a.coords)
+        assert (s.classes[cols.class_index[k]] if cols.class_index[k] >= 0 else "") == a.class_name
+        assert (cols.source[k], cols.model_version[k], cols.annotator[k]) == (
+            a.source,
+            a.model_version,
+            a.annotator,
+        )
+        assert (cols.created[k], cols.modified[k]) == (a.created, a.modified)
+        conf = cols.confidence[k]
+        assert (a.confidence is None and np.isnan(conf)) or conf == a.confidence
+    half = cols.take(np.arange(len(cols))[::2])
+    assert half.id.tolist() == [a.id for a in anns[::2]]
+    for k, a in enumerate(anns[::2]):
+        np.testing.assert_array_equal(half.vertices(k), a.coords)
+
+
 @SETTINGS
 @given(box=boxes, rejected=st.booleans(), kinds=st.sampled_from([None, ["point"], ["box", "line"]]))
 def test_query_matches_brute_force(populated, box, rejected, kinds):
@@ -194,6 +215,7 @@ def test_query_matches_brute_force(populated, box, rejected, kinds):
     got = s.query(box, kinds=kinds, include_rejected=rejected)
     assert [a.id for a in got] == sorted(want)
     assert s.count_in(box, kinds=kinds, include_rejected=rejected) == len(want)
+    _same_columns(s, s.query_columns(box, kinds=kinds, include_rejected=rejected), got)
     ids, coords, cls, rev = s.query_points(box, include_rejected=rejected)
     want_pts = _brute(anns, box, kinds=["point"], rejected=rejected)
     assert list(ids) == sorted(want_pts)
@@ -210,6 +232,7 @@ def test_query_limit_is_a_subset_of_the_right_size(populated, box, limit):
     s, anns = populated
     want = _brute(anns, box)
     got = [a.id for a in s.query(box, limit=limit)]
+    _same_columns(s, s.query_columns(box, limit=limit), s.query(box, limit=limit))
     assert set(got) <= want
     assert len(got) == min(limit, len(want))
     ids = s.query_points(box, limit=limit)[0]
@@ -311,6 +334,69 @@ class UndoRedoMachine(RuleBasedStateMachine):
         del state[i]
         self._push(state, "delete")
 
+    @rule(
+        target=ids,
+        steps=st.lists(
+            st.one_of(
+                st.tuples(st.just("add"), coord, coord),
+                st.tuples(st.just("update"), st.integers(0, 40), coord, coord),
+                st.tuples(st.just("delete"), st.integers(0, 40)),
+                st.tuples(st.sampled_from(["nested", "nested_fail"]), coord, coord),
+            ),
+            max_size=6,
+        ),
+        fail=st.booleans(),
+    )
+    def group(self, steps, fail):
+        """Several writes in one `group`: one undo step, or nothing at all when an
+        exception leaves it; a nested group joins it (or, failing, undoes only its own
+        writes). Live ids are picked by index, so one object is often changed twice."""
+        state = dict(self.state)
+        new: list[int] = []
+        wrote = False
+
+        def add(r, c):
+            (i,) = self.store.add([Annotation("point", [[r * H, c * W]], "mitosis")])
+            state[i] = ((r * H, c * W), "mitosis", "added")
+            new.append(i)
+
+        try:
+            with self.store.group("group"):
+                for step in steps:
+                    live = sorted(state)
+                    if step[0] == "add":
+                        add(step[1], step[2])
+                    elif step[0] in ("update", "delete") and live:
+                        i = live[step[1] % len(live)]
+                        if step[0] == "delete":
+                            self.store.delete([i])
+                            del state[i]
+                        else:
+                            xy = [[step[2] * H, step[3] * W]]
+                            self.store.update(i, coords=xy, review="corrected")
+                            state[i] = (tuple(xy[0]), state[i][1], "corrected")
+                    elif step[0] == "nested":
+                        with self.store.group("inner"):
+                            add(step[1], step[2])
+                    elif step[0] == "nested_fail":
+                        with pytest.raises(ZeroDivisionError), self.store.group("inner"):
+                            self.store.add([Annotation("point", [[step[1] * H, 1.0]])])
+                            if live:
+                                self.store.delete([live[0]])
+                            raise ZeroDivisionError
+                        continue
+                    else:
+                        continue
+                    wrote = True
+                if fail:
+                    raise KeyError("abandon the group")
+        except KeyError:
+            assert fail
+            return multiple()
+        if wrote:
+            self._push(state, "group")
+        return multiple(*new)
+
     @rule()
     def undo(self):
         label = self.store.undo()
@@ -355,6 +441,107 @@ UndoRedoMachine.TestCase.settings = settings(max_examples=30, stateful_step_coun
 test_undo_redo_state_machine = UndoRedoMachine.TestCase
 
 
+def test_a_group_is_one_undo_step_and_one_transaction(store: AnnotationStore):
+    """Reject a mixed selection (update model objects, delete human ones) and redraw a
+    box as a polygon, each in one group: one undo each, and nothing is visible to
+    another connection until the group ends."""
+    model = Annotation("box", [[10, 10], [50, 60]], "mitosis", source="det", review="unreviewed")
+    human = Annotation("point", [[100, 100]], "mitosis")
+    m, h = store.add([model, human])
+    other = sqlite3.connect(store.path)
+    with store.group("reject 2"):
+        store.update([m], review="rejected")
+        store.delete([h])
+        (extra,) = store.add([Annotation("point", [[5, 5]], "new class")])
+        # not committed: another reader still sees the objects as they were
+        assert other.execute("SELECT count(*) FROM objects WHERE deleted = 0").fetchone() == (2,)
+        with pytest.raises(AnnotationError, match="cannot undo inside a group"):
+            store.undo()
+    assert other.execute("SELECT count(*) FROM objects WHERE deleted = 0").fetchone() == (2,)
+    other.close()
+    assert [x["label"] for x in store.history()] == ["add", "reject 2"]
+    assert store.history()[-1]["kind"] == "group"
+    assert store.get(m).review == "rejected" and len(store) == 2
+    assert "new class" in store.classes
+    assert store.undo() == "reject 2"
+    assert store.get(m).review == "unreviewed" and store.get(h).review == "added"
+    with pytest.raises(AnnotationError, match="does not exist"):
+        store.get(extra)
+    assert store.redo() == "reject 2"
+    assert store.count(reviews=["rejected"]) == 1 and store.get(extra).class_name == "new class"
+    assert store.undo() == "reject 2"
+    # a kind change is one update: same id, counts by kind kept in step
+    ring = [[10, 10], [10, 60], [50, 60], [30, 10]]
+    store.update(m, kind="polygon", coords=ring, review="corrected", label="as polygon")
+    got = store.get(m)
+    assert got.kind == "polygon" and got.review == "corrected"
+    np.testing.assert_array_equal(got.coords, ring)
+    assert store.count(kinds=["box"]) == 0 and store.count(kinds=["polygon"]) == 1
+    assert store.undo() == "as polygon"
+    assert store.get(m).kind == "box" and store.count(kinds=["box"]) == 1
+    np.testing.assert_array_equal(store.get(m).coords, [[10, 10], [50, 60]])
+    assert store.integrity_check() == "ok"
+
+
+def test_a_failed_group_leaves_nothing(store: AnnotationStore):
+    (a,) = store.add([Annotation("point", [[1, 1]], "mitosis")], label="first")
+    (b,) = store.add([Annotation("point", [[2, 2]], "mitosis")], label="second")
+    assert store.undo() == "second"
+    store.metadata["run"] = "/runs/1"
+    with pytest.raises(AnnotationError, match="outside the image"), store.group("bad"):
+        store.update(a, class_name="tumour", review="corrected")
+        store.metadata["run"] = "/runs/2"
+        store.add([Annotation("point", [[3, 3]], "stroma")])
+        store.add([Annotation("point", [[5000, 3]], "mitosis")])  # refused: all rolled back
+    assert [(x["label"], x["undone"]) for x in store.history()] == [
+        ("first", False),
+        ("second", True),  # the redo branch is kept too
+    ]
+    assert store.get(a).class_name == "mitosis" and len(store) == 1
+    assert store.classes == ["mitosis"] and store.metadata["run"] == "/runs/1"
+    # a failed write inside a group undoes only itself; the group goes on
+    with store.group("partly"):
+        store.update(a, review="accepted")
+        with pytest.raises(AnnotationError, match="do not exist"):
+            store.update([a, 999], review="rejected")
+        with pytest.raises(AnnotationError, match="unknown class"):
+            store.add([Annotation("point", [[4, 4]], "mimic")], allow_new_classes=False)
+    assert store.get(a).review == "accepted"
+    assert [x["label"] for x in store.history()] == ["first", "partly"]
+    with store.group("nothing"):  # no write: no operation
+        pass
+    assert [x["label"] for x in store.history()] == ["first", "partly"]
+    with pytest.raises(AnnotationError, match="does not exist"):
+        store.get(b)  # dropped with the redo branch by the first group that wrote
+    assert store.integrity_check() == "ok"
+
+
+def test_another_thread_waits_for_a_group_to_end(store: AnnotationStore):
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.group("slow"):
+            store.add([Annotation("point", [[1, 1]], "mitosis")])
+            inside.set()
+            release.wait(10)
+            store.add([Annotation("point", [[2, 2]], "mitosis")])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert inside.wait(10)
+    undone: list[str | None] = []
+    u = threading.Thread(target=lambda: undone.append(store.undo()))
+    u.start()
+    u.join(0.2)
+    assert u.is_alive()  # not refused, not run inside the other thread's group: waiting
+    release.set()
+    t.join(10)
+    u.join(10)
+    assert undone == ["slow"] and len(store) == 0
+
+
 def test_update_many_and_undo_restores_everything(store: AnnotationStore):
     anns = [
         Annotation(
@@ -371,6 +558,10 @@ def test_update_many_and_undo_restores_everything(store: AnnotationStore):
     ]
     ids = store.add(anns)
     before = [store.get(i) for i in ids]
+    many = store.get_many([ids[1], 999, ids[0]])  # absent ids are left out
+    assert set(many) == set(ids)
+    for a in before:
+        _same(many[a.id], a)
     new = [np.array([[11, 11], [11, 51], [41, 31]]), np.array([[90, 90], [160, 190]])]
     store.update(ids, coords=new, review="corrected", measurements={"area_um2": 5.0})
     after = [store.get(i) for i in ids]
@@ -580,7 +771,11 @@ def test_update_rejects_bad_changes(store: AnnotationStore):
     with pytest.raises(AnnotationError, match="needs 2 vertices"):
         store.update(i, coords=[[1, 1]])
     with pytest.raises(AnnotationError, match="cannot update field"):
-        store.update(i, kind="box")
+        store.update(i, source="x")
+    with pytest.raises(AnnotationError, match="a polygon needs at least 3 vertices"):
+        store.update(i, kind="polygon")  # the kept coords must fit the new kind
+    with pytest.raises(AnnotationError, match="unknown annotation kind"):
+        store.update(i, kind="circle")
     with pytest.raises(AnnotationError, match=r"\[99\] do not exist"):
         store.update([i, 99], review="accepted")
     with pytest.raises(AnnotationError, match="2 coordinate arrays for 1 ids"):

@@ -45,12 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..annotations.model import HUMAN, Annotation, ImageRef
+from ..annotations.model import HUMAN, KINDS, REVIEW_STATES, Annotation, ImageRef
 from ..errors import AnnotationError
 
 if TYPE_CHECKING:
     import napari
     from napari.layers import Layer
+
+    from ..annotations.store import Columns
 
 __all__ = [
     "REVIEW_COLOURS",
@@ -84,6 +86,9 @@ _SHAPE_OF_KIND = {"line": "line", "polyline": "path", "box": "rectangle", "polyg
 _KIND_OF_SHAPE = {"line": "line", "path": "polyline", "rectangle": "box", "polygon": "polygon"}
 
 _FEATURES = ("annotation_id", "class", "review", "source", "confidence", "length_um", "length")
+_REVIEW_NAMES = np.asarray(REVIEW_STATES, dtype=object)
+_REVIEW_RGBA = np.asarray([REVIEW_COLOURS[r] for r in REVIEW_STATES], dtype=np.float64)
+_POINT, _LINE, _POLYLINE = (KINDS.index(k) for k in ("point", "line", "polyline"))
 
 
 # --------------------------------------------------------------------------- placement
@@ -320,6 +325,14 @@ def layer_to_annotations(
     return out
 
 
+def _path_length_um(coords: np.ndarray, pixel: tuple[float, float]) -> float:
+    """Length (µm) of an open path of level-0 (N, 2) vertices at ``pixel`` µm/px."""
+    if len(coords) < 2:
+        return 0.0
+    steps = np.diff(coords, axis=0) * np.asarray(pixel, dtype=np.float64)
+    return float(np.sum(np.hypot(steps[:, 0], steps[:, 1])))
+
+
 def _ellipse_polygon(corners: np.ndarray, n: int = 32) -> np.ndarray:
     """napari ellipse (4 bounding corners, any leading plane coordinates) → polygon."""
     lo, hi = corners.min(axis=0), corners.max(axis=0)
@@ -331,13 +344,118 @@ def _ellipse_polygon(corners: np.ndarray, n: int = 32) -> np.ndarray:
     return ring
 
 
-def _shape_vertices(ann: Annotation, plane: Sequence[float]) -> np.ndarray:
-    """An annotation as napari shape vertices (plane coordinates first)."""
-    coords = ann.ring() if ann.kind == "box" else ann.coords
+def _shape_vertices(kind: str, coords: np.ndarray, plane: Sequence[float]) -> np.ndarray:
+    """An object's level-0 (N, 2) coords as napari shape vertices (plane coordinates
+    first; a box as its four corners)."""
+    if kind == "box":
+        (t, left), (b, r) = coords
+        coords = np.array([[t, left], [t, r], [b, r], [b, left]], dtype=np.float64)
     if not len(plane):
         return coords.copy()
     lead = np.repeat(np.asarray(plane, dtype=np.float64)[None, :], len(coords), axis=0)
     return np.concatenate([lead, coords], axis=1)
+
+
+# --------------------------------------------------------------------------- layer rows
+class _Rows:
+    """The objects of one editable layer, index-aligned with the layer's rows.
+
+    A reload keeps the store's `Columns` (no `Annotation` per object: 5,000 of them cost
+    more than the query). An `Annotation` is read from the store only for a row used as
+    one (edited, selected, removed); from then on it *is* that row (edits change it in
+    place) and wins over the columns. Rows drawn since the reload follow the columns.
+    """
+
+    def __init__(self, cols: Columns, store: Any) -> None:
+        self.cols = cols
+        self._store = store
+        self._made: dict[int, Annotation] = {}
+        self._tail: list[Annotation] = []
+
+    def __len__(self) -> int:
+        return len(self.cols) + len(self._tail)
+
+    def __getitem__(self, i: int) -> Annotation:
+        return self.many([i])[0]
+
+    def many(self, indices: Iterable[int]) -> list[Annotation]:
+        """The rows ``indices`` as Annotations (read from the store in one batch)."""
+        index = [int(i) for i in indices]
+        n = len(self.cols)
+        todo = [i for i in dict.fromkeys(index) if i < n and i not in self._made]
+        if todo:
+            ids = self.cols.id[todo].tolist()
+            got = self._store.get_many(ids)
+            for i, id_ in zip(todo, ids, strict=True):
+                self._made[i] = got.get(int(id_)) or self._from_columns(i)
+        return [self._made[i] if i < n else self._tail[i - n] for i in index]
+
+    def _from_columns(self, i: int) -> Annotation:
+        """Row ``i`` from the columns (an object deleted in the store since the reload)."""
+        c = self.cols
+        classes = self._store.classes
+        k = int(c.class_index[i])
+        conf = float(c.confidence[i])
+        return Annotation(
+            kind=KINDS[int(c.kind[i])],
+            coords=c.vertices(i).copy(),
+            class_name=classes[k] if 0 <= k < len(classes) else "",
+            source=str(c.source[i]),
+            model_version=c.model_version[i],
+            annotator=c.annotator[i],
+            created=float(c.created[i]),
+            modified=float(c.modified[i]),
+            confidence=None if math.isnan(conf) else conf,
+            review=REVIEW_STATES[int(c.review[i])],
+            id=int(c.id[i]),
+        )
+
+    def overrides(self) -> list[tuple[int, Annotation]]:
+        """(row, Annotation) of every row that is an Annotation (made or drawn)."""
+        n = len(self.cols)
+        return [*self._made.items(), *((n + k, a) for k, a in enumerate(self._tail))]
+
+    def ids(self) -> np.ndarray:
+        """Store id of every row (-1: not stored yet), shape (len,)."""
+        tail = [a.id if a.id is not None else -1 for a in self._tail]
+        return np.concatenate([self.cols.id, np.asarray(tail, dtype=np.int64)])
+
+    def id_at(self, i: int) -> int | None:
+        n = len(self.cols)
+        return int(self.cols.id[i]) if i < n else self._tail[i - n].id
+
+    def kind_at(self, i: int) -> str:
+        return self.vertices(i)[0]
+
+    def index_of(self, id_: int) -> int | None:
+        hits = np.flatnonzero(self.ids() == int(id_))
+        return int(hits[0]) if len(hits) else None
+
+    def append(self, ann: Annotation) -> None:
+        self._tail.append(ann)
+
+    def extend(self, anns: Iterable[Annotation]) -> None:
+        self._tail.extend(anns)
+
+    def drop(self, indices: Iterable[int]) -> _Rows:
+        """These rows without rows ``indices``."""
+        gone = {int(i) for i in indices}
+        n = len(self.cols)
+        keep = np.ones(n, dtype=bool)
+        keep[[i for i in gone if 0 <= i < n]] = False
+        out = _Rows(self.cols.take(keep), self._store)
+        new_index = np.cumsum(keep) - 1
+        out._made = {int(new_index[i]): a for i, a in self._made.items() if keep[i]}
+        out._tail = [a for k, a in enumerate(self._tail) if n + k not in gone]
+        return out
+
+    def vertices(self, i: int) -> tuple[str, np.ndarray]:
+        """(kind, level-0 (N, 2) coords) of row ``i`` without making an Annotation."""
+        n = len(self.cols)
+        ann = self._tail[i - n] if i >= n else self._made.get(i)
+        if ann is not None:
+            return ann.kind, ann.coords
+        return KINDS[int(self.cols.kind[i])], self.cols.vertices(i)
 
 
 # --------------------------------------------------------------------------- the session
@@ -368,8 +486,9 @@ class AnnotationSession:
         Class given to newly drawn objects.
     shown, in_view, total : int
         Objects in the editable layers, objects in the loaded view box (more than
-        ``shown`` when ``truncated``: the view limit cut them), and live (not rejected)
-        objects in the store.
+        ``shown`` when ``truncated``: the view limit cut them; then estimated from a
+        sample, ``in_view_estimated``, unless the view is the whole 2-D image), and live
+        (not rejected) objects in the store.
     """
 
     def __init__(
@@ -392,6 +511,8 @@ class AnnotationSession:
         self.plane: tuple[int, ...] = (0,) * self.placement.n_plane
         self.shown = 0
         self.in_view = 0
+        #: whether ``in_view`` is an estimate (a truncated view not of the whole image)
+        self.in_view_estimated = False
         self.truncated = False
         self.last_saved: float | None = None
         #: called with no argument after every write to the store (widget: counts, status)
@@ -401,9 +522,15 @@ class AnnotationSession:
         self.on_error: list[Callable[[BaseException], None]] = []
         self._syncing = False
         self._cursor: tuple[tuple[int, ...], tuple[float, float]] | None = None
-        self._rows: dict[str, list[Annotation]] = {"points": [], "shapes": []}
-        self._removing: dict[str, list[int]] = {"points": [], "shapes": []}
+        from ..annotations.store import Columns
+
+        self._rows: dict[str, _Rows] = {
+            "points": _Rows(Columns.empty(), store),
+            "shapes": _Rows(Columns.empty(), store),
+        }
+        self._removing: dict[str, list[Annotation]] = {"points": [], "shapes": []}
         self._box: tuple[float, float, float, float] | None = None
+        self._shapes_plane: list[int] = []  # the plane the shapes layer shows
         self.points_layer = self._make_points()
         self.shapes_layer = self._make_shapes()
         self.points_layer.events.data.connect(self._on_points_data)
@@ -529,7 +656,7 @@ class AnnotationSession:
             size=self._point_size(),
             border_width=0,
             opacity=0.75,  # the nucleus under a marker stays visible
-            features=self._features([]),
+            features=self._features(self._rows["points"]),
             metadata=self._meta(),
         )
         layer.feature_defaults = self._defaults()
@@ -548,7 +675,7 @@ class AnnotationSession:
             units=p.units,
             edge_width=2.0,
             face_color="transparent",
-            features=self._features([]),
+            features=self._features(self._rows["shapes"]),
             text={"string": "{length}", "size": 10, "color": "white"},
             metadata=self._meta(),
         )
@@ -557,35 +684,57 @@ class AnnotationSession:
         layer.current_face_color = "transparent"
         return layer
 
-    def _features(self, rows: Sequence[Annotation]) -> dict[str, np.ndarray]:
+    def _features(self, rows: _Rows) -> dict[str, np.ndarray]:
+        """Feature columns of a layer's rows: vectorised over the columns, then the rows
+        that are Annotations (edited or drawn) written over them."""
         pixel = self.store.image.pixel_um
-        lengths = [(a.length_um(pixel) if a.kind in ("line", "polyline") else None) for a in rows]
-        return {
-            "annotation_id": np.asarray([a.id if a.id is not None else -1 for a in rows], int),
-            "class": np.asarray([a.class_name for a in rows], dtype=object),
-            "review": np.asarray([a.review for a in rows], dtype=object),
-            "source": np.asarray([a.source for a in rows], dtype=object),
-            "confidence": np.asarray(
-                [np.nan if a.confidence is None else a.confidence for a in rows], float
-            ),
-            "length_um": np.asarray([np.nan if v is None else v for v in lengths], float),
-            "length": np.asarray([_length_text(v, mm=self._mm) for v in lengths], dtype=object),
+        c = rows.cols
+        n, extra = len(rows), len(rows) - len(rows.cols)
+        classes = np.asarray([*self.store.classes, ""], dtype=object)  # index -1: ""
+        out: dict[str, np.ndarray] = {
+            "annotation_id": rows.ids(),
+            "class": classes[np.concatenate([c.class_index, np.full(extra, -1, np.int64)])],
+            "review": np.concatenate([_REVIEW_NAMES[c.review], np.full(extra, "", object)]),
+            "source": np.concatenate([c.source, np.full(extra, "", object)]),
+            "confidence": np.concatenate([c.confidence, np.full(extra, np.nan)]),
+            "length_um": np.full(n, np.nan),
+            "length": np.full(n, "", dtype=object),
         }
+        if pixel is not None:
+            for k in np.flatnonzero((c.kind == _LINE) | (c.kind == _POLYLINE)).tolist():
+                out["length_um"][k] = _path_length_um(c.vertices(k), pixel)
+        for i, a in rows.overrides():
+            out["annotation_id"][i] = a.id if a.id is not None else -1
+            out["class"][i] = a.class_name
+            out["review"][i] = a.review
+            out["source"][i] = a.source
+            out["confidence"][i] = np.nan if a.confidence is None else a.confidence
+            length = a.length_um(pixel) if a.kind in ("line", "polyline") else None
+            out["length_um"][i] = np.nan if length is None else length
+        for k in np.flatnonzero(np.isfinite(out["length_um"])).tolist():
+            out["length"][k] = _length_text(float(out["length_um"][k]), mm=self._mm)
+        return out
 
-    def _colours(self, rows: Sequence[Annotation]) -> np.ndarray:
-        return np.asarray([REVIEW_COLOURS[a.review] for a in rows], float).reshape(-1, 4)
+    def _colours(self, rows: _Rows) -> np.ndarray:
+        colours = np.empty((len(rows), 4), dtype=np.float64)
+        colours[: len(rows.cols)] = _REVIEW_RGBA[rows.cols.review]
+        for i, a in rows.overrides():
+            colours[i] = REVIEW_COLOURS[a.review]
+        return colours
 
     def _restyle(self, which: str) -> None:
-        """Features and colours of one layer from the session's rows (no data change)."""
+        """Features and colours of one layer from the session's rows (no data change;
+        colours are set only where they changed: napari recolours every shape)."""
         rows = self._rows[which]
         layer = self.points_layer if which == "points" else self.shapes_layer
         with self._quiet():
             layer.features = self._features(rows)
-            if rows:
-                if which == "points":
-                    layer.face_color = self._colours(rows)
-                else:
-                    layer.edge_color = self._colours(rows)
+            if len(rows):
+                colours = self._colours(rows)
+                name = "face_color" if which == "points" else "edge_color"
+                now = np.asarray(getattr(layer, name), dtype=np.float64)
+                if now.shape != colours.shape or not np.allclose(now, colours, atol=1e-6):
+                    setattr(layer, name, colours)
             layer.feature_defaults = self._defaults()
 
     @contextlib.contextmanager
@@ -655,59 +804,123 @@ class AnnotationSession:
             if (inside and not self.truncated) or tuple(query_box) == tuple(loaded):
                 return self.shown, self.in_view
         self.plane = plane
-        found = self.store.query(query_box, plane=plane, limit=self.limit + 1)
+        found = self.store.query_columns(query_box, plane=plane, limit=self.limit + 1)
         self.truncated = len(found) > self.limit
-        found = found[: self.limit]
-        points = [a for a in found if a.kind == "point"]
-        shapes = [a for a in found if a.kind != "point"]
-        self._set_rows("points", points)
-        self._set_rows("shapes", shapes)
+        if self.truncated:
+            found = found.take(np.arange(self.limit))
+        is_point = found.kind == _POINT
+        self._set_rows("points", _Rows(found.take(is_point), self.store))
+        self._set_rows("shapes", _Rows(found.take(~is_point), self.store))
         self.shown = len(found)
-        self.in_view = self.store.count_in(query_box, plane=plane) if self.truncated else self.shown
+        self.in_view = self._count_in(query_box, plane) if self.truncated else self.shown
+        self.in_view_estimated = self.truncated and not self._whole(query_box, plane)
         self._box = tuple(query_box)  # type: ignore[assignment]
         return self.shown, self.in_view
+
+    def _count_in(self, box: tuple[float, float, float, float], plane: tuple[int, ...]) -> int:
+        """Objects in a truncated view: O(1) for the whole image (2-D), else estimated
+        from a sample (an exact count visits every object: ~1 s at 10^6)."""
+        if self._whole(box, plane):  # every vertex: the O(1) live counts
+            h, w = self.store.image.shape[-2:]
+            box = (-1.0, -1.0, float(h) + 1, float(w) + 1)
+        return int(self.store.count_in(box, plane=plane, exact=False))
+
+    def _whole(self, box: tuple[float, float, float, float], plane: tuple[int, ...]) -> bool:
+        """Whether ``box`` covers the whole image of a 2-D store (counts are O(1))."""
+        h, w = self.store.image.shape[-2:]
+        top, left, bottom, right = box
+        flat = len(self.store.image.shape) == 2
+        return flat and top <= 0 and left <= 0 and bottom >= h and right >= w
 
     @property
     def total(self) -> int:
         """Live objects in the store that the layers can show (rejected ones are hidden)."""
         return int(self.store.count() - self.store.count(reviews=("rejected",)))
 
-    def _set_rows(self, which: str, rows: list[Annotation]) -> None:
+    def _set_rows(self, which: str, rows: _Rows) -> None:
         layer = self.points_layer if which == "points" else self.shapes_layer
-        keep = {int(i) for i in self._selected_ids(which)}
+        keep = np.asarray(self._selected_ids(which), dtype=np.int64)
         plane = list(self.plane)
         with self._quiet():
             if which == "points":
-                coords = np.concatenate([a.coords[:1] for a in rows]) if rows else np.zeros((0, 2))
+                c = rows.cols
+                coords = np.empty((len(rows), 2), dtype=np.float64)
+                coords[: len(c)] = c.coords[c.offsets[:-1]]
+                for i, a in rows.overrides():
+                    coords[i] = a.coords[0]
                 lead = np.repeat(np.asarray(plane, dtype=np.float64)[None, :], len(rows), axis=0)
                 data = np.concatenate([lead, coords], axis=1)
                 layer.selected_data = set()
                 layer.data = data
             else:
                 layer.selected_data = set()
-                layer.data = []
-                if rows:
-                    self._add_shapes(layer, rows, plane)
-            self._rows[which] = list(rows)
+                rows = self._update_shapes(layer, rows, plane)
+            self._rows[which] = rows
             self._restyle(which)
-            if keep:
-                layer.selected_data = {i for i, a in enumerate(rows) if a.id in keep}
+            if len(keep):
+                layer.selected_data = set(np.flatnonzero(np.isin(rows.ids(), keep)).tolist())
+
+    def _update_shapes(self, layer: Any, rows: _Rows, plane: list[int]) -> _Rows:
+        """Make the Shapes layer show ``rows``; returns them in the layer's order.
+
+        napari triangulates every shape it is given (~60 µs a polygon), so a reload
+        after an edit or an undo, or a small pan, keeps the shapes already shown with
+        unchanged geometry and only removes and adds the others."""
+        old = self._rows["shapes"]
+        reuse = (
+            old is not rows
+            and len(old) > 0
+            and not rows.overrides()
+            and len(layer.data) == len(old)
+            and self._shapes_plane == plane
+        )
+        plan = _reuse_plan(old, rows) if reuse else None
+        if plan is not None:
+            remove, order, n_kept = plan
+            ordered = _Rows(rows.cols.take(order), self.store)
+            try:
+                if remove:
+                    layer.selected_data = set(remove)
+                    layer.remove_selected()
+                if len(ordered) > n_kept:
+                    self._add_shapes(layer, ordered, plane, self._colours(ordered), start=n_kept)
+                return ordered
+            except RuntimeError:  # napari refused a shape: build the layer again
+                log.debug("shapes reload: rebuilding the layer", exc_info=True)
+        layer.data = []
+        if len(rows):  # colours with the shapes: napari sets them once
+            self._add_shapes(layer, rows, plane, self._colours(rows))
+        self._shapes_plane = list(plane)
+        return rows
 
     @staticmethod
-    def _add_shapes(layer: Any, rows: list[Annotation], plane: list[int]) -> None:
-        vertices = [_shape_vertices(a, plane) for a in rows]
-        types = [_SHAPE_OF_KIND[a.kind] for a in rows]
+    def _add_shapes(
+        layer: Any, rows: _Rows, plane: list[int], colours: np.ndarray, *, start: int = 0
+    ) -> None:
+        """Add rows ``start:`` of ``rows`` to the layer (a self-crossing polygon napari
+        cannot fill is shown as its closed outline); with ``start`` > 0 any refusal
+        raises ``RuntimeError`` (the caller rebuilds)."""
+        vertices, types = [], []
+        for i in range(start, len(rows)):
+            kind, coords = rows.vertices(i)
+            vertices.append(_shape_vertices(kind, coords, plane))
+            types.append(_SHAPE_OF_KIND[kind])
+        colours = colours[start:]
         try:
-            layer.add(vertices, shape_type=types)
+            layer.add(vertices, shape_type=types, edge_color=colours)
             return
         except RuntimeError:  # napari could not triangulate a (self-crossing) polygon
+            if start:
+                raise
             layer.data = []
-        for ann, v, t in zip(rows, vertices, types, strict=True):
+        for i, (v, t) in enumerate(zip(vertices, types, strict=True)):
             try:
-                layer.add([v], shape_type=[t])
+                layer.add([v], shape_type=[t], edge_color=colours[i : i + 1])
             except RuntimeError:  # shown as its closed outline; still edited as a polygon
-                log.warning("polygon %s crosses itself: shown as an outline", ann.id)
-                layer.add([np.concatenate([v, v[:1]])], shape_type=["path"])
+                log.warning("polygon %s crosses itself: shown as an outline", rows.id_at(i))
+                layer.add(
+                    [np.concatenate([v, v[:1]])], shape_type=["path"], edge_color=colours[i : i + 1]
+                )
 
     # -- edits from the layers ----------------------------------------------------------
     def _on_points_data(self, event: Any) -> None:
@@ -724,8 +937,7 @@ class AnnotationSession:
         rows = self._rows[which]
         try:
             if action == "removing":
-                n = len(rows)
-                self._removing[which] = [rows[i].id for i in indices if 0 <= i < n]  # type: ignore[misc]
+                self._removing[which] = rows.many(i for i in indices if 0 <= i < len(rows))
             elif action == "removed":
                 self._removed(which, indices)
             elif action == "added":
@@ -755,7 +967,7 @@ class AnnotationSession:
         kind = _KIND_OF_SHAPE.get(shape_type, "polygon")
         coords = vertices[:, n:]
         rows = self._rows[which]
-        if kind == "polyline" and index < len(rows) and rows[index].kind == "polygon":
+        if kind == "polyline" and index < len(rows) and rows.kind_at(index) == "polygon":
             kind = "polygon"  # a self-crossing polygon shown as its closed outline
             if len(coords) > 3 and np.allclose(coords[0], coords[-1]):
                 coords = coords[:-1]
@@ -798,19 +1010,13 @@ class AnnotationSession:
         self._added(which)
 
     def _removed(self, which: str, indices: list[int]) -> None:
-        ids = [i for i in self._removing.pop(which, []) if i is not None]
+        removed = self._removing.pop(which, [])
         self._removing[which] = []
-        rows = self._rows[which]
-        gone = set(indices)
-        by_id = {a.id: a for a in rows}
-        self._rows[which] = [a for i, a in enumerate(rows) if i not in gone]
-        model = [i for i in ids if by_id[i].is_model]
-        human = [i for i in ids if not by_id[i].is_model]
+        self._rows[which] = self._rows[which].drop(indices)
+        model = [int(a.id) for a in removed if a.is_model and a.id is not None]
+        human = [int(a.id) for a in removed if not a.is_model and a.id is not None]
         self._write_group(
-            [
-                (model, {"review": "rejected"}, f"reject {len(model)}"),
-                (human, None, f"delete {len(human)}"),
-            ]
+            [(model, {"review": "rejected"}), (human, None)], _reject_label(model, human)
         )
         self._restyle(which)
         self._saved()
@@ -822,11 +1028,9 @@ class AnnotationSession:
             self.refresh()
             return
         moved: list[tuple[Annotation, str, np.ndarray]] = []
-        for i in indices:
-            if not 0 <= i < len(rows):
-                continue
+        valid = [i for i in indices if 0 <= i < len(rows)]
+        for i, ann in zip(valid, rows.many(valid), strict=True):
             kind, coords, _plane = self._layer_vertices(which, i)
-            ann = rows[i]
             same = kind == ann.kind and ann.coords.shape == coords.shape
             if same and np.allclose(ann.coords, coords, atol=1e-3):  # float32 vertices
                 continue
@@ -834,48 +1038,51 @@ class AnnotationSession:
         if not moved:
             return
         groups: dict[tuple[str, bool], list[tuple[Annotation, np.ndarray]]] = {}
+        reshaped = []
         for ann, kind, coords in moved:
-            if kind != ann.kind:  # a box turned polygon (a vertex removed): replace it
-                self._replace_kind(which, ann, kind, coords)
+            if kind != ann.kind:  # a box turned polygon (a vertex removed)
+                reshaped.append((ann, kind, coords))
                 continue
             groups.setdefault((ann.review, ann.is_model), []).append((ann, coords))
-        for (review, is_model), items in groups.items():
-            ids = [a.id for a, _ in items]
-            changes: dict[str, Any] = {"coords": [c for _, c in items]}
-            if is_model and review in ("unreviewed", "accepted"):
-                changes["review"] = "corrected"
-            self.store.update(ids, label=f"move {len(ids)}", **changes)
-            for ann, coords in items:
-                ann.coords = coords
-                if "review" in changes:
-                    ann.review = "corrected"
+        label = f"move {len(moved)}" if not reshaped else f"as {reshaped[0][1]}"
+        with self.store.group(label):  # one user action: one undo step
+            for ann, kind, coords in reshaped:
+                self._change_kind(ann, kind, coords)
+            for (review, is_model), items in groups.items():
+                ids = [a.id for a, _ in items]
+                changes: dict[str, Any] = {"coords": [c for _, c in items]}
+                if is_model and review in ("unreviewed", "accepted"):
+                    changes["review"] = "corrected"
+                self.store.update(ids, label=label, **changes)
+                for ann, coords in items:
+                    ann.coords = coords
+                    if "review" in changes:
+                        ann.review = "corrected"
         self._restyle(which)
         self._saved()
 
-    def _replace_kind(self, which: str, ann: Annotation, kind: str, coords: np.ndarray) -> None:
-        """The store keeps an object's kind: a shape that changed kind is a new object
-        (same class and provenance, review "corrected" for model objects)."""
+    def _change_kind(self, ann: Annotation, kind: str, coords: np.ndarray) -> None:
+        """A shape that changed kind (a box that lost a corner) stays the same object:
+        one update of kind and coords (review "corrected" for model objects)."""
         review = (
-            "corrected"
-            if ann.is_model and ann.review in ("unreviewed", "accepted")
-            else (ann.review)
+            "corrected" if ann.is_model and ann.review in ("unreviewed", "accepted") else ann.review
         )
-        new = ann.copy(kind=kind, coords=coords, review=review, id=None)
-        self.store.delete(ann.id, label=f"replace {ann.kind}")
-        (new_id,) = self.store.add([new], label=f"as {kind}")
-        new.id = int(new_id)
-        rows = self._rows[which]
-        rows[rows.index(ann)] = new
+        self.store.update(ann.id, label=f"as {kind}", kind=kind, coords=coords, review=review)
+        ann.kind, ann.coords, ann.review = kind, coords, review
 
-    def _write_group(self, parts: list[tuple[list[int], dict[str, Any] | None, str]]) -> None:
-        """Store writes of one user action (updates, or deletes where changes is None)."""
-        for ids, changes, label in parts:
-            if not ids:
-                continue
-            if changes is None:
-                self.store.delete(ids, label=label)
-            else:
-                self.store.update(ids, label=label, **changes)
+    def _write_group(
+        self, parts: list[tuple[list[int], dict[str, Any] | None]], label: str
+    ) -> None:
+        """The store writes of one user action (updates, or deletes where changes is
+        None) as one undoable operation."""
+        with self.store.group(label):
+            for ids, changes in parts:
+                if not ids:
+                    continue
+                if changes is None:
+                    self.store.delete(ids, label=label)
+                else:
+                    self.store.update(ids, label=label, **changes)
 
     def _saved(self) -> None:
         self.last_saved = time.time()
@@ -887,11 +1094,8 @@ class AnnotationSession:
     def _selected_ids(self, which: str) -> list[int]:
         layer = self.points_layer if which == "points" else self.shapes_layer
         rows = self._rows[which]
-        return [
-            rows[i].id  # type: ignore[misc]
-            for i in sorted(layer.selected_data)
-            if 0 <= i < len(rows) and rows[i].id is not None
-        ]
+        chosen = [i for i in sorted(layer.selected_data) if 0 <= i < len(rows)]
+        return [int(v) for v in rows.ids()[chosen] if v >= 0] if chosen else []
 
     def selected(self) -> list[Annotation]:
         """The selected objects of both editable layers (as the session last wrote them)."""
@@ -899,7 +1103,7 @@ class AnnotationSession:
         for which in ("points", "shapes"):
             layer = self.points_layer if which == "points" else self.shapes_layer
             rows = self._rows[which]
-            out += [rows[i] for i in sorted(layer.selected_data) if 0 <= i < len(rows)]
+            out += rows.many(i for i in sorted(layer.selected_data) if 0 <= i < len(rows))
         return out
 
     def _need_selection(self, action: str) -> list[Annotation]:
@@ -929,13 +1133,10 @@ class AnnotationSession:
         """Reject the selected model objects (kept, hidden) and delete selected human
         ones; returns how many."""
         chosen = self._need_selection("reject")
-        model = [a.id for a in chosen if a.is_model]
-        human = [a.id for a in chosen if not a.is_model]
+        model = [int(a.id) for a in chosen if a.is_model and a.id is not None]
+        human = [int(a.id) for a in chosen if not a.is_model and a.id is not None]
         self._write_group(
-            [
-                (model, {"review": "rejected"}, f"reject {len(model)}"),  # type: ignore[list-item]
-                (human, None, f"delete {len(human)}"),  # type: ignore[list-item]
-            ]
+            [(model, {"review": "rejected"}), (human, None)], _reject_label(model, human)
         )
         self.refresh()
         self._saved()
@@ -950,12 +1151,12 @@ class AnnotationSession:
         self._write_group(
             [
                 (
-                    [a.id for a in model],  # type: ignore[misc]
+                    [int(a.id) for a in model if a.id is not None],
                     {"class_name": name, "review": "corrected"},
-                    f"class {name}",
                 ),
-                ([a.id for a in human], {"class_name": name}, f"class {name}"),  # type: ignore[misc]
-            ]
+                ([int(a.id) for a in human if a.id is not None], {"class_name": name}),
+            ],
+            f"class {name}",
         )
         for a in chosen:
             a.class_name = name
@@ -1019,7 +1220,7 @@ class AnnotationSession:
         which = "points" if ann.kind == "point" else "shapes"
         layer = self.points_layer if which == "points" else self.shapes_layer
         rows = self._rows[which]
-        index = next((i for i, a in enumerate(rows) if a.id == ann.id), None)
+        index = rows.index_of(int(ann.id)) if ann.id is not None else None
         if index is None:  # beyond the view limit: show it on its own
             rows.append(ann)
             self._set_rows(which, rows)
@@ -1109,8 +1310,9 @@ class AnnotationSession:
         if not self.current_class and self.store.classes:
             self.set_current_class(self.store.classes[0])
         if anns:
-            ids = self.store.add(anns, label=f"import {model}")
-            self._remember(key, int(ids[0]))
+            with self.store.group(f"import {model}"):  # objects and record: one commit
+                ids = self.store.add(anns, label=f"import {model}")
+                self._remember(key, int(ids[0]))
         with contextlib.suppress(Exception):
             layer.visible = False
         self.refresh()
@@ -1162,8 +1364,9 @@ class AnnotationSession:
                 if ann.class_name:
                     self.add_class(ann.class_name)
             if anns:
-                ids = self.store.add(list(anns), label=f"import {file.name}")
-                self._remember(key, int(ids[0]))
+                with self.store.group(f"import {file.name}"):
+                    ids = self.store.add(list(anns), label=f"import {file.name}")
+                    self._remember(key, int(ids[0]))
             total += len(anns)
         self.refresh()
         self._saved()
@@ -1355,6 +1558,39 @@ class AnnotationSession:
         self.label_window_layer.data = data.reshape(shape).copy()
         if self.labels_layer is not None:
             self.labels_layer.refresh()
+
+
+def _reuse_plan(old: _Rows, new: _Rows) -> tuple[list[int], np.ndarray, int] | None:
+    """How to turn a Shapes layer showing ``old`` into one showing ``new``: the old
+    rows to remove, the order of ``new`` in the layer afterwards (the kept rows, in
+    their order, then the ones to add) and how many are kept; ``None`` when nothing
+    can be kept. A row is kept when its id, kind and vertices are unchanged."""
+    position = {int(id_): j for j, id_ in enumerate(new.ids().tolist())}
+    kept_old, kept_new = [], []
+    for i, id_ in enumerate(old.ids().tolist()):
+        j = position.get(int(id_))
+        if j is None:
+            continue
+        kind_old, v_old = old.vertices(i)
+        kind_new, v_new = new.vertices(j)
+        if kind_old == kind_new and v_old.shape == v_new.shape and np.array_equal(v_old, v_new):
+            kept_old.append(i)
+            kept_new.append(j)
+    if not kept_new:
+        return None
+    keep = set(kept_old)
+    remove = [i for i in range(len(old)) if i not in keep]
+    taken = np.zeros(len(new), dtype=bool)
+    taken[kept_new] = True
+    order = np.concatenate([np.asarray(kept_new, dtype=np.int64), np.flatnonzero(~taken)])
+    return remove, order, len(kept_new)
+
+
+def _reject_label(model: Sequence[int], human: Sequence[int]) -> str:
+    """Undo label of a Reject / Delete: model objects are rejected, human ones deleted."""
+    parts = [f"reject {len(model)}"] if model else []
+    parts += [f"delete {len(human)}"] if human or not model else []
+    return ", ".join(parts)
 
 
 class _RunLayerStub:

@@ -664,7 +664,8 @@ class ReviewWidget(QWidget):
         self.counts_label.setText(" · ".join(f"{k}: {v}" for k, v in counts.items()))
         if session.truncated:
             self.view_label.setText(
-                f"{session.shown} of {session.in_view} objects shown — zoom in to see all"
+                f"{session.shown} of {'~' if session.in_view_estimated else ''}"
+                f"{session.in_view} objects shown — zoom in to see all"
             )
         else:
             self.view_label.setText(f"{session.shown} objects shown")
