@@ -296,6 +296,34 @@ def test_the_viewport_limits_what_is_shown(tmp_path: Path) -> None:
     session.close()
 
 
+def test_zoomed_out_views_show_a_subsample_of_the_shapes(tmp_path: Path) -> None:
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    image = viewer.add_image(
+        np.zeros(SHAPE, np.uint8), scale=(MPP, MPP), units=("micrometer",) * 2, name="s"
+    )
+    ref = ImageRef(str(tmp_path / "s.tif"), "", SHAPE, mpp=(MPP, MPP))
+    store = AnnotationStore.create(tmp_path / "s.sqlite", ref, classes=["tumour"])
+    rng = np.random.default_rng(1)
+    corners = rng.uniform(10, 1500, size=(300, 2))
+    store.add(
+        [Annotation("box", [c, c + 20], "tumour", source="m", review="unreviewed") for c in corners]
+        + [Annotation("point", [c], "tumour", source="m") for c in corners[:50] + 5]
+    )
+    session = AnnotationSession(image, store, viewer=viewer, limit=1000, shapes_limit=40)
+    viewer.reset_view()
+    session.refresh()
+    # every point, 40 of the 300 boxes spread over the image, and "zoom in" is said
+    assert len(session.points_layer.data) == 50 and len(session.shapes_layer.data) == 40
+    assert session.truncated and session.shown == 90 and session.in_view == 350
+    tops = np.asarray([np.asarray(v)[:, 0].min() for v in session.shapes_layer.data])
+    assert tops.min() < 400 and tops.max() > 1100  # not one corner of the slide
+    ids = set(session.shapes_layer.features["annotation_id"].astype(int))
+    assert len(ids) == 40 and ids <= {a.id for a in store.iter_all() if a.kind == "box"}
+    session.close()
+
+
 def test_a_reopened_store_shows_everything(tmp_path: Path) -> None:
     image = Image(np.zeros(SHAPE, np.uint8), scale=(MPP, MPP), units=("micrometer",) * 2)
     path = tmp_path / "s.sqlite"

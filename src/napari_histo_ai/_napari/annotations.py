@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REVIEW_COLOURS",
+    "SHAPES_LIMIT",
     "VIEW_LIMIT",
     "AnnotationSession",
     "Placement",
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 
 #: most objects put in the editable layers at once (level of detail: zoom in for more)
 VIEW_LIMIT = 5_000
+#: at most this many lines / boxes / polygons of them (napari triangulates every shape it
+#: is given: ~0.1 ms each with bermuda); an even subsample when more are in view
+SHAPES_LIMIT = 1_000
 #: largest side (level-0 px) of the label window painted at full resolution
 LABEL_WINDOW = 2048
 #: store metadata key listing the model outputs already made editable
@@ -473,6 +477,9 @@ class AnnotationSession:
         shown (level of detail) and `next_unreviewed` moves the camera.
     limit : int
         Most objects shown at once (`VIEW_LIMIT`).
+    shapes_limit : int
+        Most lines / boxes / polygons among them (`SHAPES_LIMIT`): napari triangulates
+        each shape, so a zoomed-out view shows an even subsample of them.
     defer : callable, optional
         ``defer(key, function)`` runs ``function`` later (the widget debounces with a
         Qt timer); default: at once. Used for label write-back.
@@ -498,12 +505,14 @@ class AnnotationSession:
         *,
         viewer: napari.components.ViewerModel | None = None,
         limit: int = VIEW_LIMIT,
+        shapes_limit: int = SHAPES_LIMIT,
         defer: Callable[[str, Callable[[], None]], None] | None = None,
     ) -> None:
         self.image_layer = image_layer
         self.store = store
         self.viewer = viewer
         self.limit = int(limit)
+        self.shapes_limit = int(shapes_limit)
         self._defer = defer or (lambda _key, fn: fn())
         self.placement = Placement.of(image_layer)
         self._mm = _shows_mm(store.image)
@@ -809,6 +818,12 @@ class AnnotationSession:
         if self.truncated:
             found = found.take(np.arange(self.limit))
         is_point = found.kind == _POINT
+        shape_rows = np.flatnonzero(~is_point)
+        if len(shape_rows) > self.shapes_limit:  # an even subsample of the shapes
+            self.truncated = True
+            chosen = shape_rows[np.linspace(0, len(shape_rows) - 1, self.shapes_limit).astype(int)]
+            found = found.take(np.sort(np.concatenate([np.flatnonzero(is_point), chosen])))
+            is_point = found.kind == _POINT
         self._set_rows("points", _Rows(found.take(is_point), self.store))
         self._set_rows("shapes", _Rows(found.take(~is_point), self.store))
         self.shown = len(found)
