@@ -154,7 +154,7 @@ def test_viewport_box_is_the_visible_part_in_level0_pixels() -> None:
     viewer = napari.components.ViewerModel()
     pyramid = make_pyramid(np.zeros((1000, 2000, 3), np.uint8), mpp=0.5)
     layer = viewer.add_image(np.asarray(pyramid.levels[0]), rgb=True, scale=(0.5, 0.5))
-    viewer._canvas_size = (100, 200)
+    viewer.canvas.size = (100, 200)  # screen px (rows, columns)
     viewer.scene.camera.center = (100.0, 200.0)  # µm
     viewer.scene.camera.zoom = 2.0  # screen px per µm: 50 x 100 µm visible
     top, left, height, width = viewport_box(viewer, pyramid, layer)

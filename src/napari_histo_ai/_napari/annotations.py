@@ -772,11 +772,10 @@ class AnnotationSession:
             plane = tuple(int(np.clip(v, 0, n - 1)) for v, n in zip(idx, shape[:-2], strict=True))
         if viewer.dims.ndisplay == 3:
             return None, plane
-        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-        canvas = getattr(viewer, "canvas", None)
-        size = np.asarray(getattr(canvas, "size", (600, 800)), dtype=float)[-2:]
-        centre = np.asarray(camera.center[-2:], dtype=float)
-        half = size / max(float(camera.zoom), 1e-12) / 2 * 1.1  # world units, 10 % margin
+        from .layers import visible_world
+
+        centre, half = visible_world(viewer)
+        half = half * 1.1  # 10 % margin
         a = (centre - half - np.asarray(p.origin)) / np.asarray(p.unit) + 0.5
         b = (centre + half - np.asarray(p.origin)) / np.asarray(p.unit) + 0.5
         top, left = max(0.0, float(a[0])), max(0.0, float(a[1]))

@@ -278,6 +278,21 @@ def set_layer_mpp(
     return changed
 
 
+def visible_world(viewer: napari.viewer.ViewerModel) -> tuple[Any, Any]:
+    """Centre and half-size, in world units of the last two axes, of what the canvas shows.
+
+    Uses the canvas size in screen pixels (``viewer.canvas.size``, napari >= 0.9) and
+    the camera's zoom (screen pixels per world unit).
+    """
+    import numpy as np
+
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    canvas = getattr(viewer, "canvas", None)
+    size = np.asarray(getattr(canvas, "size", (600, 800)), dtype=float)[-2:]
+    centre = np.asarray(camera.center[-2:], dtype=float)
+    return centre, size / max(float(camera.zoom), 1e-12) / 2
+
+
 def scale_bar(viewer: napari.viewer.ViewerModel) -> Any:
     """The viewer's scale bar overlay (``viewer.canvas.overlays`` since napari 0.9)."""
     canvas = getattr(viewer, "canvas", None)

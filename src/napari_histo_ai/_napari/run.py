@@ -103,10 +103,9 @@ def viewport_box(
 
     ``None`` when the view does not show the layer at all.
     """
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9
-    center = np.asarray(camera.center[-2:], dtype=float)
-    size = np.asarray(getattr(viewer, "_canvas_size", (600, 800))[-2:], dtype=float)
-    half = size / max(float(camera.zoom), 1e-12) / 2  # world units
+    from .layers import visible_world
+
+    center, half = visible_world(viewer)
     lead = np.zeros(layer.ndim - 2)
     a = np.asarray(layer.world_to_data(np.concatenate([lead, center - half])))[-2:]
     b = np.asarray(layer.world_to_data(np.concatenate([lead, center + half])))[-2:]
