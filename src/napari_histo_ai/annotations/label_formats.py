@@ -113,34 +113,25 @@ def _read_raster(path: Path) -> np.ndarray:
             raise AnnotationError(
                 path, f"is not a readable .npy array ({exc})", "save it with numpy.save"
             ) from exc
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            return np.asarray(tifffile.imread(path))
-        except Exception as exc:  # tifffile raises many types for damaged files
-            raise AnnotationError(path, f"is not a readable TIFF ({exc})") from exc
-    from PIL import Image
+    from ..errors import ImageReadError
 
     try:
-        with Image.open(path) as img:
-            if img.mode in ("I;16", "I;16B", "I;16L"):
-                return np.asarray(img).astype(np.uint16)
-            return np.asarray(img)  # palette ("P") images keep their indices
-    except Exception as exc:  # Pillow raises many types for damaged files
-        raise AnnotationError(path, f"is not a readable image ({exc})") from exc
+        if suffix in (".tif", ".tiff"):
+            from ..io.tiff import read_array
+
+            return read_array(path)
+        from ..io.image import read_array as read_plain
+
+        return read_plain(path)
+    except ImageReadError as exc:  # CorruptFileError too
+        raise AnnotationError(path, exc.problem, exc.hint) from exc
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(rows, cols) of an image file from its header only; ``None`` if unreadable."""
-    try:
-        from PIL import Image
+    from ..io.image import image_size
 
-        with Image.open(path) as img:
-            w, h = img.size
-            return int(h), int(w)
-    except Exception:
-        return None
+    return image_size(path)
 
 
 def _siblings_of_size(shape: tuple[int, int], folders: Sequence[Path], skip: Path) -> list[str]:

@@ -565,22 +565,13 @@ def _boxes_target(
 # --------------------------------------------------------------------------- writing
 def _write_image(path: Path, array: np.ndarray) -> None:
     if path.suffix == ".png":
-        from PIL import Image
+        from ..io.image import write_png
 
-        def save(tmp: Path) -> None:
-            Image.fromarray(array).save(tmp, format="PNG")
-
-        write_atomic(path, save)
+        write_atomic(path, lambda tmp: write_png(tmp, array))
     else:
-        import tifffile
+        from ..io.tiff import write_array
 
-        def save_tif(tmp: Path) -> None:
-            rgb = array.ndim == 3 and array.shape[2] in (3, 4)
-            tifffile.imwrite(
-                tmp, array, photometric="rgb" if rgb else "minisblack", compression="zlib"
-            )
-
-        write_atomic(path, save_tif)
+        write_atomic(path, lambda tmp: write_array(tmp, array))
 
 
 def _is_background(patch: np.ndarray) -> bool:

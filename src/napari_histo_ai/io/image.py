@@ -357,3 +357,44 @@ def open_pyramid(path: Path) -> Pyramid:
         mpp=mpp,
         metadata=metadata,
     )
+
+
+# -- small whole arrays (masks, training patches) -------------------------------------------
+def read_array(path: str | Path) -> np.ndarray:
+    """The pixel values of a plain image as stored: palette (``P``) images keep their
+    indices and 16-bit greys stay 16-bit (label masks), unlike `open_pyramid`, which
+    converts to what a viewer shows.
+
+    Raises
+    ------
+    ImageReadError
+        The file is not a readable image, or too large to decode whole.
+    """
+    import numpy as np
+
+    try:
+        with _open(Path(path), allow_large=False) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L"):
+                return np.asarray(img).astype(np.uint16)
+            return np.asarray(img)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # Pillow raises many types for damaged files
+        raise ImageReadError(path, f"is not a readable image ({exc})") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(rows, columns) of an image file from its header only; ``None`` if unreadable."""
+    try:
+        with _open(Path(path), allow_large=True) as img:
+            w, h = img.size
+            return int(h), int(w)
+    except Exception:
+        return None
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` (H, W) or (H, W, 3|4) uint8 as a PNG."""
+    from PIL import Image
+
+    Image.fromarray(array).save(path, format="PNG")

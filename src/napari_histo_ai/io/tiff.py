@@ -626,3 +626,30 @@ def _reader_for(series: Any) -> Any:
         return series.asarray()
 
     return read
+
+
+# -- small whole arrays (masks, training patches) -------------------------------------------
+def read_array(path: str | Path) -> np.ndarray:
+    """The first image of a (small) TIFF as one array, values as stored (label masks).
+
+    Raises
+    ------
+    CorruptFileError
+        The file is not a readable TIFF.
+    """
+    import numpy as np
+    import tifffile
+
+    try:
+        return np.asarray(tifffile.imread(path))
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise CorruptFileError(path, f"is not a readable TIFF ({exc})") from exc
+
+
+def write_array(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` (H, W) or (H, W, 3|4) as a zlib-compressed TIFF (RGB when 3 or 4
+    channels, else grey), e.g. a training patch or a float target map."""
+    import tifffile
+
+    rgb = array.ndim == 3 and array.shape[2] in (3, 4)
+    tifffile.imwrite(path, array, photometric="rgb" if rgb else "minisblack", compression="zlib")
