@@ -8,7 +8,6 @@ napari notification and in the status line; no traceback dialog.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,6 +32,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import HistoAIError, MetadataError
 from ..io import BACKENDS, EXTENSIONS, open_image
+from ._errors import ERROR_STYLE, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -43,13 +43,11 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenImageWidget"]
 
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 #: style of the pixel-size field while the slide has none
 _MISSING_STYLE = "QDoubleSpinBox { border: 2px solid #e8a33d; }"
-_ERROR_STYLE = "color: #ff6b6b;"
 _WARN_STYLE = "color: #e8a33d;"
 _MPP_HINT = "no pixel size in the file: set µm/px and press Apply µm/px"
 
@@ -292,19 +290,12 @@ class OpenImageWidget(QWidget):
         return []
 
     def _guard(self, action: Callable[[], T]) -> T | None:
-        try:
-            return action()
-        except HistoAIError as exc:
-            self._show_error(str(exc))
-        except Exception as exc:  # the GUI edge: say what happened, never a traceback dialog
-            log.exception("napari-histo-ai: unexpected error")
-            self._show_error(f"unexpected error: {type(exc).__name__}: {exc}")
-        return None
+        return guarded(action, self._show_error)
 
     def _show_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        self._set_status(message, _ERROR_STYLE)
+        self._set_status(message, ERROR_STYLE)
         show_error(message)
 
     def _set_status(self, message: str, style: str = "") -> None:

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import HistoAIError
+from ._errors import ERROR_STYLE, guarded
 
 if TYPE_CHECKING:
     import napari
@@ -50,7 +51,6 @@ __all__ = ["ReviewWidget"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_ERROR_STYLE = "color: #e8a33d;"
 #: export formats offered: label -> format name of `export_annotations`
 FORMATS = {
     "QuPath GeoJSON (.geojson)": ("geojson", ".geojson"),
@@ -269,14 +269,7 @@ class ReviewWidget(QWidget):
 
     # -- the GUI edge ------------------------------------------------------------------
     def _guard(self, action: Callable[[], T]) -> T | None:
-        try:
-            return action()
-        except HistoAIError as exc:
-            self._show_error(str(exc))
-        except Exception as exc:  # the GUI edge: say what happened, never a traceback dialog
-            log.exception("napari-histo-ai review: unexpected error")
-            self._show_error(f"unexpected error: {type(exc).__name__}: {exc}")
-        return None
+        return guarded(action, self._show_error)
 
     def _show_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
@@ -286,7 +279,7 @@ class ReviewWidget(QWidget):
 
     def _set_status(self, text: str, *, warn: bool = False) -> None:
         self.status_label.setText(text)
-        self.status_label.setStyleSheet(_ERROR_STYLE if warn else "")
+        self.status_label.setStyleSheet(ERROR_STYLE if warn else "")
 
     def _need_session(self) -> AnnotationSession:
         if self.session is None:
