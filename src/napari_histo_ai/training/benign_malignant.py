@@ -911,14 +911,50 @@ def evaluate(
         crops, _ = sliding_crops(im.image, patch=spec.io.patch_size, overlap=spec.io.overlap)
         probs = predict_crops(predictor, crops, spec.io.normalisation)
         predictions.append((im, probs[:, :2]))
+    scores = image_metrics(predictions)
+    method = next((o.aggregate for o in spec.outputs if o.kind == "class"), "average")
     return {
         "model": model,
         "weights": str(spec.weights),
-        "metrics": image_metrics(predictions),
+        "metrics": scores,
         "split": {
             "held_out_patients": held,
             "source": source,
             "images": [im.name for im in held_images],
+        },
+        **_plot_entries(predictions, method if method in AGGREGATIONS else "average"),
+    }
+
+
+def _plot_entries(
+    predictions: Sequence[tuple[BreakHisImage, np.ndarray]], method: str
+) -> dict[str, Any]:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    Image level: each image's malignant score and decision by `aggregate_image` with
+    ``method`` (the registry entry's aggregate); crop level: every crop's malignant
+    probability, labelled by its image, decided by argmax.
+    """
+    from .. import metrics
+    from ..plots import confusion_entry, curve_entry
+
+    y_image = np.array([im.label for im, _ in predictions], dtype=np.int64)
+    decided = [aggregate_image(p, method) for _, p in predictions]
+    y_crop = np.concatenate([np.full(len(p), im.label) for im, p in predictions])
+    probs = np.concatenate([p for _, p in predictions])
+    image = f"image ({method})"
+    return {
+        "curves": {
+            image: curve_entry(y_image, [d[1] for d in decided]),
+            "crop": curve_entry(y_crop, probs[:, 1]),
+        },
+        "confusion": {
+            image: confusion_entry(
+                metrics.confusion_matrix(y_image, [d[0] for d in decided], n_classes=2), CLASSES
+            ),
+            "crop": confusion_entry(
+                metrics.confusion_matrix(y_crop, probs.argmax(axis=1), n_classes=2), CLASSES
+            ),
         },
     }
 

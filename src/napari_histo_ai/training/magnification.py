@@ -837,6 +837,7 @@ def evaluate(
     net = predictor.module
     patch = int(spec.io.patch_size)
     views = build_views(load_sources(data_dir), patch=patch)
+    scores = evaluate_patches(net, test_patches(views, patch=patch))
     return {
         "model": model,
         "weights": str(spec.weights),
@@ -845,7 +846,29 @@ def evaluate(
             f"{AMI_HOLD_OUT_EVERY}th AMi-Br source image, the bottom 40 % of CMU-1; "
             f"{patch}² patches at 5-40×"
         ),
-        "metrics": evaluate_patches(net, test_patches(views, patch=patch)),
+        "metrics": scores,
+        **_plot_entries(scores),
+    }
+
+
+def _plot_entries(scores: dict[str, Any]) -> dict[str, Any]:
+    """``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    The patch-level magnification-class confusions `magnification_scores` already holds
+    (rows truth, predictions snapped to `MAGNIFICATIONS`; undetermined predictions are in
+    no column) of the fused net, its two branches and the classical estimator. A
+    regression has no score to sweep, hence no curves.
+    """
+    from ..plots import confusion_entry
+
+    return {
+        "confusion": {
+            f"{name} (patch)": confusion_entry(
+                scores[name]["confusion_rows_truth"], scores[name]["classes"]
+            )
+            for name in ("fusion", "direct", "area", "classical")
+            if name in scores
+        }
     }
 
 

@@ -1006,7 +1006,60 @@ def evaluate(
             "validation_women": sorted({f.case_id for f in val}),
         }
     )
+    result.update(_plot_entries(val, outputs, threshold=boxes.threshold))
     return result
+
+
+def _plot_entries(
+    films: Sequence[Film], outputs: Sequence[np.ndarray], *, threshold: float
+) -> dict[str, Any]:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    Curves: per film, "has a located lesion" against the film's highest class
+    probability (the best box score it could give); per mask pixel (8 px = 1.6 mm
+    stride, every film pooled), lesion disc against the mask probability. Confusion:
+    the lesions and detections at the operating ``threshold``, matched greedily by
+    score with OR ≥ `OR_THRESHOLD` (class-agnostic, as sensitivity and FPPI are): a
+    matched pair counts at (true class, predicted class), a missed lesion at (its
+    class, "none"), an unmatched detection at ("none", its class).
+    """
+    from ..plots import confusion_entry, curve_entry
+
+    k = len(CLASSES)
+    h, n = HALO // STRIDE, FILM // STRIDE
+    film_truth, film_score, mask_truth, mask_score = [], [], [], []
+    confusion = np.zeros((k + 1, k + 1), np.int64)
+    for film, output in zip(films, outputs, strict=True):
+        kept = output[:, h : h + n, h : h + n]
+        film_truth.append(bool(film.lesions))
+        film_score.append(float(kept[:k].max()))
+        mask_truth.append(_true_mask(film).ravel())
+        mask_score.append(kept[k].ravel())
+        d = decode_detections(output, threshold=threshold)
+        boxes, labels = _truth(film)
+        overlap = np.zeros((len(d.scores), len(boxes)))
+        if len(d.scores) and len(boxes):
+            overlap = np.asarray(metrics.overlap_ratio(d.boxes, boxes), dtype=np.float64)
+        used = np.zeros(len(boxes), bool)
+        for i in np.argsort(-d.scores, kind="mergesort"):
+            cand = np.where(used, -1.0, overlap[i])
+            j = int(np.argmax(cand)) if len(boxes) else -1
+            if j >= 0 and cand[j] >= OR_THRESHOLD:
+                used[j] = True
+                confusion[labels[j], d.labels[i]] += 1
+            else:
+                confusion[k, d.labels[i]] += 1
+        for missed in np.flatnonzero(~used):
+            confusion[labels[missed], k] += 1
+    return {
+        "curves": {
+            "film (max class probability)": curve_entry(film_truth, film_score),
+            "mask pixel": curve_entry(np.concatenate(mask_truth), np.concatenate(mask_score)),
+        },
+        "confusion": {
+            f"lesions at threshold {threshold:g}": confusion_entry(confusion, (*CLASSES, "none"))
+        },
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

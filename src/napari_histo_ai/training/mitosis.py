@@ -771,8 +771,13 @@ def _fcn_tile_scores(
     a_px: float,
     miccai_maps: Sequence[np.ndarray],
     threshold: float,
+    *,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """FCN as a tile classifier: max of its crop map over each convnet tile window."""
+    """FCN as a tile classifier: max of its crop map over each convnet tile window.
+
+    ``curves``, when given, receives the tile (labels, scores) (`_evaluate_nets`).
+    """
     maps = [fcn_map(model, _stain(c.image, stain)) for c in crops]
     labels, scores = [], []
     for crop, m in zip(crops, maps, strict=True):
@@ -784,6 +789,8 @@ def _fcn_tile_scores(
             labels.append(full[r : r + TILE, c : c + TILE].max() >= TILE_THRESHOLD)
             scores.append(float(m[r : r + TILE, c : c + TILE].max()))
     result: dict[str, Any] = {"crops": _tile_scores(np.array(labels), np.array(scores), threshold)}
+    if curves is not None:
+        curves["fcn_tiles/crops"] = (np.array(labels), np.array(scores))
     if miccai_maps:
         neg = np.concatenate(
             [
@@ -797,6 +804,8 @@ def _fcn_tile_scores(
         all_labels = np.concatenate([np.array(labels), np.zeros(len(neg), bool)])
         all_scores = np.concatenate([np.array(scores), neg])
         result["crops_and_miccai"] = _tile_scores(all_labels, all_scores, threshold)
+        if curves is not None:
+            curves["fcn_tiles/crops_and_miccai"] = (all_labels, all_scores)
     return result, maps
 
 
@@ -1022,13 +1031,20 @@ def _evaluate_nets(
     *,
     a_px: float,
     peak_threshold: float,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Tile and detection metrics of the nets on held-out crops (+ MICCAI negatives)."""
+    """Tile and detection metrics of the nets on held-out crops (+ MICCAI negatives).
+
+    ``curves``, when given, receives the tile (labels, scores) behind each tile metric
+    (keys ``"convnet_tiles/crops"``, ``"fcn_tiles/crops_and_miccai"`` …) for the plots.
+    """
     out: dict[str, Any] = {}
     if convnet is not None:
         tiles = _tile_windows(test, stain, a_px=a_px, threshold=TILE_THRESHOLD, jitter=(0,))
         scores = _convnet_scores(convnet, tiles.images)
         result: dict[str, Any] = {"crops": _tile_scores(tiles.labels, scores, 0.5)}
+        if curves is not None:
+            curves["convnet_tiles/crops"] = (tiles.labels, scores)
         if miccai_test:
             neg = Window.concat([_grid_windows(im, TILE, stain) for im in miccai_test])
             neg_scores = _convnet_scores(convnet, neg.images)
@@ -1037,10 +1053,17 @@ def _evaluate_nets(
                 np.concatenate([scores, neg_scores]),
                 0.5,
             )
+            if curves is not None:
+                curves["convnet_tiles/crops_and_miccai"] = (
+                    np.concatenate([tiles.labels, neg.labels]),
+                    np.concatenate([scores, neg_scores]),
+                )
         out["convnet_tiles"] = result
     if fcn is not None:
         miccai_maps = [fcn_map(fcn, _stain(im, stain)) for im in miccai_test]
-        tile_result, maps = _fcn_tile_scores(fcn, test, stain, a_px, miccai_maps, peak_threshold)
+        tile_result, maps = _fcn_tile_scores(
+            fcn, test, stain, a_px, miccai_maps, peak_threshold, curves=curves
+        )
         out["fcn_tiles"] = tile_result
         out["fcn_detection"] = _detection_scores(
             maps, test, miccai_maps, threshold=peak_threshold, mpp=MODEL_MPP
@@ -1395,6 +1418,7 @@ def evaluate(data_dir: Path, *, model: str, weights: Path | None = None) -> dict
     dense = spec.architecture == "mitosis_fcn"
     points = [o for o in spec.outputs if o.kind == "points"]
     threshold = points[0].threshold if points else 0.5
+    tile_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     scores = _evaluate_nets(
         None if dense else net,
         net if dense else None,
@@ -1403,6 +1427,7 @@ def evaluate(data_dir: Path, *, model: str, weights: Path | None = None) -> dict
         stain,
         a_px=DECAY_PER_UM * MODEL_MPP,
         peak_threshold=threshold,
+        curves=tile_curves,
     )
     return {
         "model": model,
@@ -1410,7 +1435,29 @@ def evaluate(data_dir: Path, *, model: str, weights: Path | None = None) -> dict
         "split": _split_record(train, test, bool(miccai_test)),
         "metrics": scores,
         "peak_threshold": threshold if dense else None,
+        **_plot_entries(scores, tile_curves),
     }
+
+
+def _plot_entries(
+    scores: dict[str, Any], tile_curves: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    The tile curves are the (tile truth, tile score) pairs behind each tile metric; the
+    confusions are the tile metrics' own ``confusion`` (at the metrics' threshold).
+    Detection has no curve: its points are peaks above one threshold.
+    """
+    from ..plots import confusion_entry, curve_entry
+
+    confusion = {
+        f"{net}/{subset}": confusion_entry(tile["confusion"], ("no mitosis", "mitosis"))
+        for net, subsets in scores.items()
+        if net.endswith("_tiles")
+        for subset, tile in subsets.items()
+    }
+    curves = {name: curve_entry(t, s) for name, (t, s) in tile_curves.items()}
+    return {"curves": curves, "confusion": confusion}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -727,6 +727,7 @@ def evaluate(data_dir: Path, *, model: str = MODEL, weights: Path | None = None)
     from ..models.preprocessing import normalise
 
     per_case: dict[str, dict[str, float]] = {}
+    voxels = _VoxelSample()
     for folder in find_cases(data_dir, "validation"):
         case = load_case(folder)
         x = normalise(case.image[..., None], spec.io.normalisation)
@@ -737,6 +738,7 @@ def evaluate(data_dir: Path, *, model: str = MODEL, weights: Path | None = None)
                 probability[start : start + len(logits)] = logits.sigmoid()[:, 0].numpy()
         scores = volume_scores(probability >= threshold, case.tumour)
         per_case[case.name] = {k: round(v, 4) for k, v in scores.items()}
+        voxels.add(case.tumour, probability, threshold)
     keys = ("dice", "jaccard", "precision", "recall", "f1", "accuracy")
     mean = {k: round(float(np.mean([s[k] for s in per_case.values()])), 4) for k in keys}
     return {
@@ -749,7 +751,46 @@ def evaluate(data_dir: Path, *, model: str = MODEL, weights: Path | None = None)
             f"case-disjoint: validation/ cases {sorted(per_case)} of {data_dir} "
             "(the model trains on the train/ case); voxel level over every slice"
         ),
+        **voxels.entries(),
     }
+
+
+class _VoxelSample:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    Every case's voxels count in the (background, tumour) confusion at the mask
+    threshold; the curve keeps a seeded uniform subsample of each case's voxels, pooled
+    and subsampled again to `~napari_histo_ai.plots.MAX_CURVE_SAMPLES`.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.confusion = np.zeros((2, 2), np.int64)
+        self.truth: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+
+    def add(self, truth: np.ndarray, probability: np.ndarray, threshold: float) -> None:
+        from ..plots import MAX_CURVE_SAMPLES
+
+        t = np.asarray(truth, bool).ravel()
+        p = np.asarray(probability).ravel()
+        cells = 2 * t.astype(np.int64) + (p >= threshold)
+        self.confusion += np.bincount(cells, minlength=4).reshape(2, 2)
+        keep = self.rng.choice(t.size, min(t.size, MAX_CURVE_SAMPLES), replace=False)
+        self.truth.append(t[keep])
+        self.scores.append(p[keep])
+
+    def entries(self) -> dict[str, Any]:
+        from ..plots import confusion_entry, curve_entry
+
+        if not self.truth:
+            return {}
+        return {
+            "curves": {
+                "voxel": curve_entry(np.concatenate(self.truth), np.concatenate(self.scores))
+            },
+            "confusion": {"voxel": confusion_entry(self.confusion, ("background", "tumour"))},
+        }
 
 
 # --------------------------------------------------------------------------- command line

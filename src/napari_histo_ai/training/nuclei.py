@@ -811,11 +811,13 @@ def evaluate(
         raise HistoAIError(f"model {model!r}: evaluation needs a torch model, not {spec.format}")
     net = predictor.module
     per_image: dict[str, dict[str, float]] = {}
+    pixels: list[tuple[np.ndarray, np.ndarray]] = []
     for sample in load_miccai_nuclei(data_dir, mpp=mpp, names=names):
         probability = predict_probability(net, sample.image)
         scores = segmentation_scores(probability >= THRESHOLD, sample.mask)
         scores.update(detection_scores(probability, sample.instances, mpp=mpp))
         per_image[sample.name] = {k: round(v, 4) for k, v in scores.items()}
+        pixels.append((np.asarray(sample.mask, bool).ravel(), probability.ravel()))
     keys = next(iter(per_image.values())).keys() if per_image else ()
     mean = {k: round(float(np.mean([s[k] for s in per_image.values()])), 4) for k in keys}
     return {
@@ -825,6 +827,32 @@ def evaluate(
         "mpp": mpp,
         "per_image": per_image,
         "mean": mean,
+        **_plot_entries(pixels),
+    }
+
+
+def _plot_entries(pixels: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    ``pixels``: per tile, the flat truth mask and nucleus probability. The curve pools
+    every tile's pixels, subsampled to `~napari_histo_ai.plots.MAX_CURVE_SAMPLES`
+    (seed 0); the confusion counts every pixel at `THRESHOLD`.
+    """
+    from .. import metrics
+    from ..plots import confusion_entry, curve_entry
+
+    if not pixels:
+        return {}
+    truth = np.concatenate([t for t, _ in pixels]).astype(np.int64)
+    probability = np.concatenate([p for _, p in pixels])
+    predicted = (probability >= THRESHOLD).astype(np.int64)
+    return {
+        "curves": {"pixel": curve_entry(truth, probability)},
+        "confusion": {
+            "pixel": confusion_entry(
+                metrics.confusion_matrix(truth, predicted, n_classes=2), ("background", "nucleus")
+            )
+        },
     }
 
 

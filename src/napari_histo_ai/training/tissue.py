@@ -639,7 +639,10 @@ def evaluate(
         patches = load_idc_patches(data_dir)
         _, val = patient_split(patches)
         images, masks, centre = idc_windows(val)
-        scores, pixel_accuracy = _window_scores(predictor, images, masks, centre)
+        confusion = np.zeros((len(WEAK_CLASSES), len(WEAK_CLASSES)), np.int64)
+        scores, pixel_accuracy = _window_scores(
+            predictor, images, masks, centre, confusion=confusion
+        )
         metrics = _scores_record(val, scores)
         metrics["pixel_accuracy"] = round(pixel_accuracy, 4)
         return {
@@ -647,6 +650,7 @@ def evaluate(
             "weights": str(spec.weights),
             "metrics": metrics,
             "split": {"by": "patient", "validation": val.counts()},
+            **_plot_entries(val.labels, scores, pixels=confusion),
         }
     patches = load_idc_patches(data_dir, patch=spec.io.patch_size)
     _, val = patient_split(patches)
@@ -656,7 +660,38 @@ def evaluate(
         "weights": str(spec.weights),
         "metrics": _scores_record(val, probability),
         "split": {"by": "patient", "validation": val.counts()},
+        **_plot_entries(val.labels, probability),
     }
+
+
+def _plot_entries(
+    labels: np.ndarray, probability: np.ndarray, *, pixels: np.ndarray | None = None
+) -> dict[str, Any]:
+    """``curves`` / ``confusion`` of `evaluate` for `napari_histo_ai.plots.evaluation_plots`.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        ``(N,)`` patch truth, 1 = tumour.
+    probability : numpy.ndarray
+        ``(N,)`` patch tumour score (the one the metrics threshold at 0.5).
+    pixels : numpy.ndarray, optional
+        ``(3, 3)`` pixel counts (weak label rows, predicted class columns) of the
+        TissueFCN, in `WEAK_CLASSES` order.
+    """
+    from .. import metrics
+    from ..plots import confusion_entry, curve_entry
+
+    truth = np.asarray(labels).astype(np.int64)
+    predicted = (np.asarray(probability) >= 0.5).astype(np.int64)
+    confusion = {
+        "patch": confusion_entry(
+            metrics.confusion_matrix(truth, predicted, n_classes=2), IDC_CLASSES
+        )
+    }
+    if pixels is not None:
+        confusion["pixel (weak labels)"] = confusion_entry(pixels, WEAK_CLASSES)
+    return {"curves": {"patch": curve_entry(truth, probability)}, "confusion": confusion}
 
 
 # --------------------------------------------------------------------------- tissue FCN
@@ -895,8 +930,14 @@ def _window_scores(
     images: np.ndarray,
     masks: np.ndarray,
     centre: np.ndarray,
+    *,
+    confusion: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Per-window P(cancer | tissue) over its centre patch, and 3-class pixel accuracy."""
+    """Per-window P(cancer | tissue) over its centre patch, and 3-class pixel accuracy.
+
+    ``confusion``, a ``(3, 3)`` int array, is incremented in place with the labelled
+    centre pixels' (weak label, predicted class) counts when given (`evaluate`'s plot).
+    """
     import torch
 
     if isinstance(model, torch.nn.Module):
@@ -914,6 +955,8 @@ def _window_scores(
                 scores.append(float(cancer / max(cancer + other, 1e-9)))
                 labelled = centre & (m != 255)
                 correct += int((p[k].argmax(0)[labelled] == m[labelled]).sum())
+                if confusion is not None:
+                    np.add.at(confusion, (m[labelled], p[k].argmax(0)[labelled]), 1)
                 counted += int(labelled.sum())
     return np.asarray(scores), correct / max(counted, 1)
 
