@@ -75,6 +75,8 @@ SHAPES_LIMIT = 1_000
 LABEL_WINDOW = 2048
 #: store metadata key listing the model outputs already made editable
 IMPORTED_KEY = "imported_runs"
+#: store metadata key of the ranked region queue (active learning) and its position
+REGION_QUEUE_KEY = "region_queue"
 
 #: RGBA by review state (rejected objects are not shown)
 REVIEW_COLOURS: dict[str, tuple[float, float, float, float]] = {
@@ -1263,6 +1265,75 @@ class AnnotationSession:
         size = float(min(getattr(canvas, "size", (600, 800))[-2:]))
         extent_px = max(float(np.max(hi - lo)) * 3, 256.0)
         camera.zoom = size / (extent_px * max(p.unit))
+
+    # -- the region review queue (active learning) ----------------------------------------
+    def set_region_queue(self, regions: Iterable[Any], *, source: str = "") -> int:
+        """Replace the region queue (ranked `napari_histo_ai.inference.uncertainty.Region`
+        objects or their `Region.to_dict` dicts); it is saved in the store's metadata
+        (key ``"region_queue"``) with the current position, so it survives a reopen.
+        Returns the number of regions."""
+        mpp = self.store.image.pixel_um
+        items = [r if isinstance(r, dict) else r.to_dict(mpp) for r in regions]
+        self.store.metadata[REGION_QUEUE_KEY] = {"source": source, "index": -1, "regions": items}
+        return len(items)
+
+    @property
+    def region_queue(self) -> list[Any]:
+        """The saved queue, as `Region` objects in rank order ([] when none)."""
+        from ..inference.uncertainty import Region
+
+        saved = self.store.metadata.get(REGION_QUEUE_KEY) or {}
+        return [Region.from_dict(d) for d in saved.get("regions", [])]
+
+    @property
+    def region_index(self) -> int:
+        """Position in the queue of the region last shown (-1: none yet)."""
+        saved = self.store.metadata.get(REGION_QUEUE_KEY) or {}
+        return int(saved.get("index", -1))
+
+    def next_region(self) -> Any:
+        """Move the camera to the next region of the queue (zoomed to fit) and return it;
+        ``None`` past the last one."""
+        return self._go_to_region(self.region_index + 1)
+
+    def previous_region(self) -> Any:
+        """Move the camera to the previous region of the queue; ``None`` before the first."""
+        return self._go_to_region(self.region_index - 1)
+
+    def _go_to_region(self, index: int) -> Any:
+        queue = self.region_queue
+        if not queue or not 0 <= index < len(queue):
+            return None
+        saved = dict(self.store.metadata.get(REGION_QUEUE_KEY) or {})
+        saved["index"] = index
+        self.store.metadata[REGION_QUEUE_KEY] = saved
+        region = queue[index]
+        if self.viewer is not None:
+            self._look_at_box(region)
+        else:
+            self.plane = tuple(region.plane)
+        self.refresh()
+        return region
+
+    def _look_at_box(self, region: Any) -> None:
+        viewer = self.viewer
+        assert viewer is not None
+        p = self.placement
+        plane = tuple(region.plane)[: p.n_plane] + (0,) * max(0, p.n_plane - len(region.plane))
+        centre_px = np.asarray([*plane, *region.centre], dtype=float)
+        world = p.px_to_world(centre_px)
+        if p.n_plane:
+            ndim = viewer.dims.ndim
+            for k in range(p.n_plane):
+                viewer.dims.set_point(ndim - 2 - p.n_plane + k, float(world[k]))
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        camera.center = (float(world[-2]), float(world[-1]))
+        canvas = getattr(viewer, "canvas", None)
+        size = getattr(canvas, "size", (600, 800))[-2:]
+        # zoom to fit the box (10 % margin): world units per screen pixel on each axis
+        fit_h = float(size[0]) / (region.height * p.unit[0] * 1.1)
+        fit_w = float(size[1]) / (region.width * p.unit[1] * 1.1)
+        camera.zoom = min(fit_h, fit_w)
 
     # -- undo / redo --------------------------------------------------------------------
     def undo(self) -> str | None:

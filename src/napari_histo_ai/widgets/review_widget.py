@@ -6,6 +6,7 @@ annotation store (SQLite, one transaction per edit), so nothing needs saving. Er
 become napari notifications with our message, never a traceback.
 
 Keys on the review layers: A accept, R reject, 1–9 class, N next unreviewed,
+Shift+N / Shift+P next / previous region of the uncertainty queue,
 Ctrl+Z undo, Ctrl+Shift+Z / Ctrl+Y redo (these replace napari's own layer shortcuts
 on those keys, e.g. R for rectangles: use the layer controls to pick a drawing tool).
 """
@@ -201,6 +202,7 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.view_label)
         layout.addLayout(labels_row)
         layout.addWidget(export_box)
+        layout.addWidget(self._build_uncertainty_group())
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 
@@ -254,6 +256,9 @@ class ReviewWidget(QWidget):
         ]
         fill(self.image_combo, images)
         fill(self.source_combo, sources)
+        from .._napari.uncertainty import is_result_layer
+
+        fill(self.result_combo, [lyr.name for lyr in layers if is_result_layer(lyr)])
         if self.session is not None and self.session.image_layer not in layers:
             self._close_session()
 
@@ -354,6 +359,8 @@ class ReviewWidget(QWidget):
             "a": self.accept,
             "r": self.reject,
             "n": self.next_unreviewed,
+            "Shift-n": self.next_region,
+            "Shift-p": self.previous_region,
             "Control-z": self.undo,
             "Control-Shift-z": self.redo,
             "Control-y": self.redo,
@@ -591,6 +598,159 @@ class ReviewWidget(QWidget):
         self.cancel_button.setEnabled(False)
         if self.progress.maximum() == 0:
             self.progress.setRange(0, 1)
+
+    # -- uncertainty: ranked regions to review (active learning) ----------------------
+    def _build_uncertainty_group(self) -> QGroupBox:
+        self.result_combo = QComboBox()
+        self.result_combo.setToolTip(
+            "A probability layer of a Run-model result: its entropy (or MC-dropout "
+            "uncertainty) is mapped and the most uncertain regions are queued"
+        )
+        self.region_spin = QDoubleSpinBox()
+        self.region_spin.setRange(8.0, 100_000.0)
+        self.region_spin.setValue(256.0)
+        self.region_spin.setSuffix(" µm")
+        self.region_spin.setToolTip("Side of a region (pixels when the image has no µm/px)")
+        self.top_spin = QSpinBox()
+        self.top_spin.setRange(1, 10_000)
+        self.top_spin.setValue(20)
+        self.rank_button = QPushButton("Rank regions")
+        self.rank_cancel_button = QPushButton("Cancel")
+        self.rank_cancel_button.setEnabled(False)
+        self.rank_progress = QProgressBar()
+        self.rank_progress.setRange(0, 1)
+        self.rank_progress.setValue(0)
+        self.previous_region_button = QPushButton("Previous region (Shift+P)")
+        self.next_region_button = QPushButton("Next region (Shift+N)")
+        box = QGroupBox("Uncertainty")
+        form = QFormLayout(box)
+        form.addRow("Result", self.result_combo)
+        form.addRow("Region", self.region_spin)
+        form.addRow("Top", self.top_spin)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.rank_button)
+        buttons.addWidget(self.rank_cancel_button)
+        form.addRow(buttons)
+        form.addRow(self.rank_progress)
+        moves = QHBoxLayout()
+        moves.addWidget(self.previous_region_button)
+        moves.addWidget(self.next_region_button)
+        form.addRow(moves)
+        self.rank_button.clicked.connect(self.rank_regions)
+        self.rank_cancel_button.clicked.connect(self.cancel)
+        self.previous_region_button.clicked.connect(self.previous_region)
+        self.next_region_button.clicked.connect(self.next_region)
+        self.last_ranking: Any = None
+        return box
+
+    def rank_regions(self) -> Any:
+        """Map the chosen result's uncertainty and rank regions, in a worker (progress,
+        Cancel); the map and the queue are added as layers and the queue is saved."""
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None:
+            return self._worker
+
+        def start() -> Any:
+            from .._napari.uncertainty import result_run
+            from ..inference.uncertainty import iter_rank_regions, uncertainty_map
+
+            name = self.result_combo.currentText()
+            if not name:
+                raise HistoAIError(
+                    "no result layer: run a model with 'Run model' first (its probability "
+                    "layer is what gets ranked)"
+                )
+            umap = uncertainty_map(result_run(self._viewer.layers[name]))
+            image = name.split(" · ")[0]
+            self._cancel = threading.Event()
+            generator = iter_rank_regions(
+                umap,
+                region_um=float(self.region_spin.value()),
+                top_k=int(self.top_spin.value()),
+                cancel=self._cancel,
+            )
+            worker = create_worker(lambda: (yield from generator), _start_thread=False)
+            worker.yielded.connect(self._on_rank_progress)
+            worker.returned.connect(lambda ranking: self._on_ranked(ranking, umap, image))
+            worker.errored.connect(self._on_rank_error)
+            worker.finished.connect(self._on_rank_finished)
+            self._worker = worker
+            self.rank_button.setEnabled(False)
+            self.rank_cancel_button.setEnabled(True)
+            self.rank_progress.setRange(0, 0)
+            self._set_status(f"ranking regions of '{name}' by {umap.method}…")
+            worker.start()
+            return worker
+
+        return self._guard(start)
+
+    def _on_rank_progress(self, progress: Any) -> None:
+        self.rank_progress.setRange(0, max(1, int(progress.total)))
+        self.rank_progress.setValue(int(progress.done))
+
+    def _on_ranked(self, ranking: Any, umap: Any, image: str) -> None:
+        def show() -> None:
+            from .._napari.layers import add_layer_data
+            from .._napari.uncertainty import regions_layer, uncertainty_layer
+
+            self.last_ranking = ranking
+            if not ranking.complete:
+                self._set_status("ranking cancelled")
+                return
+            tuples = [
+                uncertainty_layer(umap, image=image),
+                regions_layer(ranking.regions, umap, image=image),
+            ]
+            for _, kwargs, _ in tuples:  # ranking again replaces the layers
+                if kwargs["name"] in self._viewer.layers:
+                    self._viewer.layers.remove(kwargs["name"])
+            add_layer_data(self._viewer, tuples)
+            session = self._need_session()
+            n = session.set_region_queue(ranking.regions, source=str(umap.run))
+            self._set_status(
+                f"{n} regions queued by {umap.method} ({ranking.statistic} per region, "
+                f"level {ranking.level}); Next region (Shift+N) goes to the first"
+            )
+
+        self._guard(show)
+
+    def _on_rank_error(self, exc: BaseException) -> None:
+        if isinstance(exc, HistoAIError):
+            self._show_error(str(exc))
+        else:
+            log.exception("ranking regions failed", exc_info=exc)
+            self._show_error(f"ranking regions failed: {type(exc).__name__}: {exc}")
+
+    def _on_rank_finished(self) -> None:
+        self._worker = None
+        self.rank_button.setEnabled(True)
+        self.rank_cancel_button.setEnabled(False)
+        if self.rank_progress.maximum() == 0:
+            self.rank_progress.setRange(0, 1)
+
+    def next_region(self) -> Any:
+        """Show the next region of the queue (zoomed to fit)."""
+        return self._guard(lambda: self._show_region(self._need_session().next_region()))
+
+    def previous_region(self) -> Any:
+        """Show the previous region of the queue."""
+        return self._guard(lambda: self._show_region(self._need_session().previous_region()))
+
+    def _show_region(self, region: Any) -> Any:
+        session = self._need_session()
+        n = len(session.region_queue)
+        if region is None:
+            self._set_status(
+                "no region queue: press 'Rank regions' first"
+                if not n
+                else "end of the region queue"
+                if session.region_index >= n - 1
+                else "start of the region queue"
+            )
+            return None
+        self._set_status(f"region {region.rank} of {n}: uncertainty {region.score:.3f}")
+        return region
 
     # -- viewport and state ------------------------------------------------------------
     def _defer(self, key: str, function: Callable[[], None]) -> None:
