@@ -131,7 +131,7 @@ def test_import_annotations_export_training_set_round_trip(slide, tmp_path, caps
     assert code == 0, err
     assert data["complete"] and data["targets"] == "points"
     assert data["counts"]["positive"] == 4 and data["counts"]["hard_negative"] == 1
-    assert data["counts"]["negative"] == 4
+    assert data["counts"]["negative"] == 5  # 1 x (4 positives + 1 hard negative)
     assert json.loads(json_out.read_text()) == data
     manifest = read_manifest(ts)
     assert manifest.counts == data["counts"]

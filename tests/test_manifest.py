@@ -70,6 +70,7 @@ def test_contributions(manifest):
         "Open slide / volume",
         "Run model",
         "Review & correct",
+        "Retrain",
     ]
     writers = {(w.command, tuple(w.layer_types), tuple(w.filename_extensions))
                for w in contributions.writers or []}  # fmt: skip

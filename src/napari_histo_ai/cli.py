@@ -13,9 +13,11 @@ Usage::
         [--local-cluster N | --scheduler tcp://HOST:PORT]
     napari-histo-ai train-default TASK --data DIR --out FILE [--seed N] [--epochs N]
     napari-histo-ai evaluate --model NAME --data DIR [--weights FILE] [--json-out FILE]
+        [--plots DIR] [--with-curves]
     napari-histo-ai bench read [PATH...] [--reads N] [--region PX] [--generate OUT.tif]
     napari-histo-ai bench infer PATH [--model NAME] [--generate] [--tiles N] [--device D]
     napari-histo-ai bench annotations [--sizes N...] [--polygons N] [--json-out F]
+    napari-histo-ai bench retrain [--data DIR...] [--corrections N] [--epochs N]
         [--batch-size N] [--json-out FILE]
     napari-histo-ai import FILE --image IMG [--store STORE] [--format F] [--source S]
         [--model-version V] [--classes A,B]
@@ -24,6 +26,12 @@ Usage::
     napari-histo-ai training-set --image IMG [--store STORE] --out DIR --mpp M
         [--patch-size N] [--targets auto|mask|points|boxes] [--labels LABELS]
     napari-histo-ai annotations STORE
+    napari-histo-ai uncertainty RUN.zarr [--top N] [--region-um UM] [--json-out F]
+        [--geojson F]
+    napari-histo-ai train MODEL [DATA...] [--image IMG [--store S]] [--epochs N] [--lr R]
+        [--batch-size N] [--loss L] [--patience N] [--run DIR | --resume DIR] [--threads N] ...
+    napari-histo-ai versions MODEL [--json-out F]
+    napari-histo-ai compare MODEL... --data DATA... [--plots DIR] [--split val|train|all]
 
 Without ``--store`` the store is ``<image>.annotations.sqlite`` beside the image (or
 ``~/.napari-histo-ai/annotations/<hash>.sqlite`` when that folder is read-only; see
@@ -319,8 +327,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             write_json(args.json_out, result)
         print(json.dumps(result, indent=2))
         return 0
+    if args.what == "retrain":
+        from .atomic import write_json_atomic as write_json
+        from .bench.retrain import run_retrain_benchmark
+
+        result = run_retrain_benchmark(
+            model=args.model,
+            data=args.data,
+            corrections=args.corrections,
+            epochs=args.epochs,
+            threads=args.threads,
+            device=args.device,
+            work_dir=args.work_dir,
+        )
+        if args.json_out:
+            write_json(args.json_out, result)
+        print(json.dumps(result, indent=2))
+        return 0
     raise HistoAIError(
-        f"unknown benchmark {args.what!r}: expected one of: read, infer, annotations"
+        f"unknown benchmark {args.what!r}: expected one of: read, infer, annotations, retrain"
     )
 
 
@@ -342,10 +367,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     load_registry().get(args.model)  # an unknown name fails here, listing the known ones
     weights = Path(args.weights) if args.weights else None
     result = evaluate_model(args.model, args.data, weights=weights)
-    text = json.dumps(result, indent=2, default=float)
+    # the curves' per-sample labels and scores (up to 200k each) are for the plots
+    shown = result if args.with_curves else {k: v for k, v in result.items() if k != "curves"}
+    text = json.dumps(shown, indent=2, default=float)
     if args.json_out:
         Path(args.json_out).write_text(text + "\n", encoding="utf-8")
     print(text)
+    if args.plots:
+        from .plots import evaluation_plots
+
+        for path in evaluation_plots(result, args.plots, stem=args.model):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -524,6 +556,241 @@ def _cmd_annotations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_uncertainty(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .inference.uncertainty import Ranking, iter_rank_regions, uncertainty_map
+
+    umap = uncertainty_map(args.run)
+    gen = iter_rank_regions(
+        umap,
+        region_um=args.region_um,
+        top_k=args.top,
+        quantile=None if args.mean else args.quantile,
+        min_tissue=args.min_tissue,
+    )
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            ranking: Ranking = stop.value
+            break
+    mpp = ranking.mpp
+    result: dict[str, Any] = {
+        "run": str(umap.run),
+        "model": umap.model,
+        "image": umap.image,
+        "method": umap.method,
+        "statistic": ranking.statistic,
+        "level": ranking.level,
+        "region_px": [round(v, 3) for v in ranking.region_px],
+        "region_um": args.region_um if mpp is not None else None,
+        "mpp": list(mpp) if mpp is not None else None,
+        "regions_scored": ranking.n_scored,
+        "regions": [r.to_dict(mpp) for r in ranking.regions],
+    }
+    if args.geojson:
+        from .annotations.formats.geojson import export_geojson
+        from .annotations.model import Annotation, ImageRef
+
+        image_path = Path(umap.image)
+        if image_path.exists():
+            ref = _open_image_ref(str(image_path))
+        else:  # the image moved: its identity from the run record (no content hash)
+            n_plane = len(umap.planes)
+            ref = ImageRef(
+                path=umap.image,
+                content_hash="",
+                shape=(*umap.planes, *umap.image_shape),
+                axes=("TZ"[2 - n_plane :] if n_plane else "") + "YX",
+                mpp=mpp,
+            )
+        boxes = [
+            Annotation(
+                kind="box",
+                coords=np.asarray(
+                    [[r.top, r.left], [r.top + r.height, r.left + r.width]], dtype=np.float64
+                ),
+                class_name="review region",
+                plane=r.plane,
+                source=f"uncertainty:{umap.model}",
+                confidence=float(r.score),
+                review="unreviewed",
+                measurements={"rank": float(r.rank), "uncertainty": float(r.score)},
+            )
+            for r in ranking.regions
+        ]
+        export_geojson(boxes, args.geojson, image=ref, provenance={"run": str(umap.run)})
+        result["geojson"] = str(args.geojson)
+    _write_json_out(args, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- retraining
+def _finetune_config(args: argparse.Namespace) -> Any:
+    from .training.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch,
+        flips=not args.no_flips,
+        rotations=not args.no_rotations,
+        noise_sigma=args.noise,
+        stain_jitter=args.stain_jitter,
+        balanced=not args.no_balance,
+        positive_fraction=args.positive_fraction,
+        negative_feed=not args.no_negative_feed,
+        hard_negative_weight=args.hard_negative_weight,
+        loss=args.loss,
+        pos_weight=args.pos_weight,
+        freeze_batchnorm=not args.train_batchnorm,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .models.registry import load_registry
+    from .training.finetune import finetune
+    from .training.retrain import RetrainRequest, retrain
+
+    spec = load_registry().get(args.model)
+    config = _finetune_config(args)
+    run_dir = Path(args.resume or args.run) if (args.resume or args.run) else None
+    cancel = threading.Event()
+    if args.image:
+        if args.no_register:
+            raise HistoAIError("--no-register works on training-set folders, not with --image")
+        generator: Any = retrain(
+            RetrainRequest(
+                spec,
+                image=args.image,
+                store=args.store,
+                sources=args.data,
+                config=config,
+                run_dir=run_dir,
+                resume=bool(args.resume),
+                models_dir=Path(args.models_dir) if args.models_dir else None,
+            ),
+            cancel,
+        )
+    elif not args.data:
+        raise HistoAIError("give training-set folders (DATA) or --image IMG to train on")
+    else:
+        generator = finetune(
+            spec,
+            args.data,
+            config=config,
+            run_dir=run_dir,
+            resume=bool(args.resume),
+            register=not args.no_register,
+            models_dir=args.models_dir,
+            cancel=cancel,
+        )
+    last = 0.0
+    with _StopOnInterrupt(cancel):
+        while True:
+            try:
+                progress = next(generator)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            now = time.monotonic()
+            if progress.phase in ("prepare", "epoch", "register") or now - last > 2.0:
+                last = now
+                loss = "" if progress.loss is None else f"  loss {progress.loss:.4f}"
+                step = f"  step {progress.step}/{progress.steps}" if progress.steps else ""
+                text = progress.message or progress.phase
+                print(
+                    f"epoch {progress.epoch}/{progress.epochs}{step}{loss}  {text}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if result is None:  # stopped during the export of the corrections
+        print("error: stopped while exporting the corrections; run it again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    summary = result.summary()
+    _write_json_out(args, summary)
+    print(json.dumps(summary, indent=2, default=str))
+    if result.cancelled:
+        print(
+            f"error: stopped after epoch {len(result.history)}; continue with "
+            f"`napari-histo-ai train {args.model} {' '.join(map(str, args.data))} "
+            + (f"--image {args.image} " if args.image else "")
+            + f"--resume {result.run_dir}`",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from .models.registry import load_registry
+    from .training.versions import versions_of
+
+    registry = load_registry()
+    rows = []
+    for spec in versions_of(registry, args.model):
+        training = dict(spec.card.training)
+        rows.append(
+            {
+                "name": spec.name,
+                "version": spec.version,
+                "parent": f"{spec.card.parent} {spec.card.parent_version}".strip() or None,
+                "weights": str(spec.weights) if spec.weights else None,
+                "metrics": dict(spec.card.metrics),
+                "before": training.get("before"),
+                "run_dir": training.get("run_dir"),
+                "sources": training.get("sources"),
+            }
+        )
+    _write_json_out(args, rows)
+    print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .models.registry import load_registry
+    from .training.finetune import evaluate_version
+
+    registry = load_registry()
+    specs = [registry.get(name) for name in args.models]
+    result = evaluate_version(
+        specs, args.data, val_fraction=args.val_fraction, device=args.device, split=args.split
+    )
+    shown = {k: v for k, v in result.items() if k != "curves"}
+    _write_json_out(args, shown)
+    print(json.dumps(shown, indent=2, default=str))
+    if args.plots:
+        from pathlib import Path
+
+        from . import plots
+        from .training.finetune import PLOTTED_METRICS
+
+        out = Path(args.plots)
+        written = plots.evaluation_plots(result, out, stem="compare")
+        rates = {
+            name: {k: v for k, v in m.items() if k in PLOTTED_METRICS}
+            for name, m in result["metrics"].items()
+        }
+        curves = {k: (v["y_true"], v["scores"]) for k, v in result["curves"].items()}
+        figure = plots.comparison_figure(rates, curves=curves, title=f"{args.split} items")
+        written.append(plots.save_figure(figure, out / "compare_metrics.png"))
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _cmd_training_set(args: argparse.Namespace) -> int:
     from .annotations.model import ImageRef
     from .annotations.store import AnnotationStore
@@ -671,6 +938,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", default=None, metavar="FILE", help="score this weights file instead"
     )
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.add_argument(
+        "--plots",
+        default=None,
+        metavar="DIR",
+        help="write PNGs here: NAME_pr_roc.png (PR and ROC curves), NAME_confusion_*.png",
+    )
+    p.add_argument(
+        "--with-curves",
+        action="store_true",
+        help="keep the curves' per-sample labels and scores in the JSON (large)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
@@ -805,6 +1083,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, metavar="DIR", help="where the temporary stores go")
     p.set_defaults(func=_cmd_bench)
 
+    p = benches.add_parser(
+        "retrain",
+        help="the HITL loop on the sample slide: 50 corrections -> retrain -> re-run 2k x 2k",
+    )
+    p.add_argument("--model", default="mitosis-fcn", metavar="NAME")
+    p.add_argument(
+        "--data", nargs="*", default=[], metavar="DIR", help="rehearsal data (AMi-Br crops)"
+    )
+    p.add_argument("--corrections", type=int, default=50, metavar="N")
+    p.add_argument("--epochs", type=int, default=4, metavar="N")
+    p.add_argument("--threads", type=int, default=1, metavar="N")
+    p.add_argument("--device", default="auto", metavar="D")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="keep the runs here")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser(
         "import",
         help="add the objects of an annotation file to an image's store (one undoable step)",
@@ -890,6 +1184,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help="an *.annotations.sqlite store")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
     p.set_defaults(func=_cmd_annotations)
+
+    p = sub.add_parser(
+        "uncertainty",
+        help="rank the regions of a run by uncertainty (entropy or MC-dropout) as JSON",
+        description="Map a run's predictive entropy (or its MC-dropout uncertainty), cut "
+        "the image into squares of --region-um and print the most uncertain ones (µm and "
+        "level-0 px). --geojson writes them as QuPath rectangles that `import` loads as "
+        "review boxes.",
+    )
+    p.add_argument("run", metavar="RUN.zarr", help="a run folder (predict / Run model)")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="regions to list")
+    p.add_argument(
+        "--region-um", type=float, default=256.0, metavar="UM", help="side, µm (px without mpp)"
+    )
+    p.add_argument("--quantile", type=float, default=0.9, metavar="Q", help="score = this quantile")
+    p.add_argument("--mean", action="store_true", help="score regions by their mean instead")
+    p.add_argument(
+        "--min-tissue", type=float, default=0.25, metavar="F", help="skip regions below this"
+    )
+    p.add_argument("--geojson", default=None, metavar="FILE", help="write the regions here")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_uncertainty)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a registered model on training sets; registers a new version",
+        description="Fine-tune MODEL on training-set folders (`training-set`, or the Review "
+        "widget's export) and folders of real data (the AMi-Br mitosis crops), with a fixed "
+        "validation split, balanced batches, the negative feed and hard negatives, early "
+        "stopping and a checkpoint per epoch. The result is registered as MODEL-vN in the "
+        "user model folder with its card (parent, data, config, metrics before/after); "
+        "curves and comparison PNGs go to the run folder. Ctrl-C stops after the current "
+        "batch (exit 130); --resume continues.",
+    )
+    p.add_argument("model", metavar="MODEL", help="see `napari-histo-ai models`")
+    p.add_argument("data", nargs="*", metavar="DATA", help="training-set or data folders")
+    p.add_argument(
+        "--image",
+        default=None,
+        metavar="IMG",
+        help="first export this image's reviewed corrections (its store) as a training set",
+    )
+    p.add_argument("--store", default=None, metavar="STORE", help="with --image: the store")
+    p.add_argument("--epochs", type=int, default=6, metavar="N")
+    p.add_argument("--lr", type=float, default=3e-4, metavar="R", help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="N")
+    p.add_argument("--no-flips", action="store_true")
+    p.add_argument("--no-rotations", action="store_true")
+    p.add_argument("--noise", type=float, default=0.02, metavar="S", help="Gaussian noise σ")
+    p.add_argument("--stain-jitter", type=float, default=0.05, metavar="S", help="OD jitter σ")
+    p.add_argument("--no-balance", action="store_true", help="no positive/negative balancing")
+    p.add_argument("--positive-fraction", type=float, default=1 / 3, metavar="F")
+    p.add_argument("--no-negative-feed", action="store_true")
+    p.add_argument("--hard-negative-weight", type=float, default=2.0, metavar="W")
+    p.add_argument(
+        "--loss", default="auto", choices=["auto", "wbce", "bce_dice", "ce", "rare_hinge"]
+    )
+    p.add_argument("--pos-weight", type=float, default=5.0, metavar="W", help="wbce weight")
+    p.add_argument("--train-batchnorm", action="store_true", help="re-estimate BN statistics")
+    p.add_argument("--patience", type=int, default=3, metavar="N", help="0: no early stop")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", metavar="D")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--run", default=None, metavar="DIR", help="run folder (default: new)")
+    runs.add_argument("--resume", default=None, metavar="DIR", help="continue this run")
+    p.add_argument("--no-register", action="store_true", help="do not register a version")
+    p.add_argument("--models-dir", default=None, metavar="DIR", help="register versions here")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "versions", help="list a model's versions (lineage) with parents and metrics as JSON"
+    )
+    p.add_argument("model", metavar="MODEL", help="any version of the lineage")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_versions)
+
+    p = sub.add_parser(
+        "compare",
+        help="score model versions side by side on the same validation items",
+        description="Score each MODEL on the same fixed validation items of DATA (the split "
+        "`train` holds out) and print the metrics side by side; --plots writes PR / ROC, "
+        "confusion and comparison PNGs.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATA")
+    p.add_argument("--split", default="val", choices=["val", "train", "all"])
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
+    p.add_argument("--device", default="auto", metavar="D")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNGs here")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -7,7 +7,8 @@ retraining loop (issue 6):
   ``corrected`` or ``added`` (``added`` objects are the model's misses: ``added_miss=1``);
 - **hard negatives**: one patch centred on every *rejected model object* (a removed false
   positive: ``hard_negative=1``). Rejected objects never appear in any target;
-- **negatives**: ``round(negatives_per_positive × positives)`` patches at random
+- **negatives**: ``round(negatives_per_positive × (positives + hard negatives))``
+  patches at random
   positions whose whole patch meets no object (any review state, rejected included:
   the centre is at least half a patch from every object's bounds), and is not
   background (see below). For volumes, negatives are drawn from the planes that hold
@@ -677,7 +678,11 @@ def export_training_set(
         Gaussian σ (µm) of point targets; radius of points in masks; box padding of
         points and lines.
     negatives_per_positive : float, keyword-only
-        Random negatives per positive (rounded); 0 for none.
+        Random negatives per reviewed sample, positive or hard negative (rounded); 0 for
+        none. Counting the hard negatives too means a round of rejections alone (a
+        model's false positives on a slide without any true object) still brings that
+        slide's ordinary tissue as negatives: 50 rejected false mitoses on the CMU-1
+        sample with no random negatives made the fine-tuned model place more points.
     labels : LabelPyramid, optional, keyword-only
         Mask targets are read from this label pyramid instead of drawn from objects.
     seed : int, keyword-only
@@ -783,7 +788,7 @@ def export_training_set(
     plans: list[_Plan] = [_Plan("positive", _centre(a), tuple(a.plane), a) for a in positives] + [
         _Plan("hard_negative", _centre(a), tuple(a.plane), a) for a in hard
     ]
-    n_neg = round(negatives_per_positive * len(positives))
+    n_neg = round(negatives_per_positive * (len(positives) + len(hard)))
     planes = sorted({tuple(a.plane) for a in positives + hard})
 
     _prepare_folder(out_dir)

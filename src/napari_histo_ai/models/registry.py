@@ -363,6 +363,8 @@ def format_card(spec: ModelSpec) -> str:
         row("outputs" if i == 0 else "", text)
     metrics = ", ".join(f"{k} {_fmt_number(v)}" for k, v in card.metrics.items())
     row("metrics", metrics)
+    if card.parent:
+        row("parent", f"{card.parent} {card.parent_version}".strip())
     row("training data", card.training_data)
     row("split", card.split)
     row("intended use", card.intended_use)

@@ -214,6 +214,13 @@ class ModelCard:
     citation: str = ""
     intended_use: str = ""
     limitations: str = ""
+    #: the registered model this one was fine-tuned from ("" for a trained-from-scratch
+    #: model), and that model's version (`napari_histo_ai.training.versions`)
+    parent: str = ""
+    parent_version: str = ""
+    #: how a fine-tuned version was made: config, data (manifests with hashes), run
+    #: folder, metrics before / after on the fixed validation set (JSON-able)
+    training: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,7 @@ class ModelSpec:
         data = asdict(self)
         data["weights"] = str(self.weights) if self.weights is not None else None
         data["card"]["metrics"] = dict(self.card.metrics)
+        data["card"]["training"] = dict(self.card.training)
         data["kwargs"] = dict(self.kwargs)
         return data
 
@@ -566,5 +574,10 @@ class _Parser:
         metrics = self.mapping(raw.get("metrics"), "card.metrics")
         for key, value in metrics.items():
             self.number(value, f"card.metrics.{key}", minimum=-1e300)
-        fields = {k: str(v) for k, v in raw.items() if k != "metrics"}
-        return ModelCard(**fields, metrics={str(k): float(v) for k, v in metrics.items()})
+        training = self.mapping(raw.get("training"), "card.training")
+        fields = {k: str(v) for k, v in raw.items() if k not in ("metrics", "training")}
+        return ModelCard(
+            **fields,
+            metrics={str(k): float(v) for k, v in metrics.items()},
+            training=dict(training),
+        )

@@ -123,10 +123,22 @@ def train_default(task: str, argv: list[str]) -> int:
 
 
 def task_for_model(model: str) -> DefaultTask:
-    """The default task whose module evaluates the registered model ``model``."""
+    """The default task whose module evaluates the registered model ``model``.
+
+    A fine-tuned version (``mitosis-fcn-v2``) is evaluated by its lineage root's task.
+    """
     for task in TASKS.values():
         if model in task.models:
             return task
+    from ..models.registry import load_registry
+    from .versions import lineage_root
+
+    registry = load_registry()
+    if model in registry:
+        root = lineage_root(registry, model)
+        for task in TASKS.values():
+            if root in task.models:
+                return task
     known = ", ".join(m for t in TASKS.values() for m in t.models)
     raise HistoAIError(
         f"model {model!r} has no evaluator: expected one of {known} "

@@ -187,6 +187,37 @@ class RunModelWidget(QWidget):
 
         self.card.setPlainText(format_card(self._registry.get(name)))
 
+    def reload_models(self, registry: Registry | None = None) -> None:
+        """Offer the models of ``registry`` (default: read the registry again), keeping
+        the current choice when it is still registered (new fine-tuned versions appear)."""
+        if registry is None:
+            from ..models.registry import load_registry
+
+            registry = load_registry()
+        self._registry = registry
+        current = self.model_combo.currentText()
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems(list(registry.names()))
+        if current in registry:
+            self.model_combo.setCurrentText(current)
+        self.model_combo.blockSignals(False)
+        self._show_card(self.model_combo.currentText())
+
+    def run_version(self, image: str, model: str, *, registry: Registry | None = None) -> Any:
+        """Run ``model`` (e.g. a new fine-tuned version) on the visible part of layer
+        ``image``; returns the worker (None on bad input). The Retrain widget's "Run on
+        view" button."""
+        self.reload_models(registry)
+        if model not in self._registry:
+            self._error(HistoAIError(f"model {model!r} is not registered"))
+            return None
+        self._refresh_layer_choices()
+        self.image_combo.setCurrentText(image)
+        self.model_combo.setCurrentText(model)
+        self.region_combo.setCurrentText("Viewport only")
+        return self.run()
+
     def _set_status(self, text: str, *, warn: bool = False) -> None:
         self.status_label.setText(text)
         self.status_label.setStyleSheet("color: #e8a33d;" if warn else "")
