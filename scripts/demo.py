@@ -65,6 +65,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "review colours",
     )
     parser.add_argument(
+        "--retrain",
+        metavar="FOLDER",
+        type=Path,
+        help="with --review and a model with points (e.g. mitosis-fcn): reject up to 50 of "
+        "its points in the left half of the sample (it has no mitoses), press Retrain "
+        "(new versions are registered in FOLDER), then run the new version on the view",
+    )
+    parser.add_argument(
+        "--retrain-data",
+        metavar="DIR",
+        nargs="*",
+        default=[],
+        help="further training data for --retrain (e.g. ../shared/data/ami_br_mitosis)",
+    )
+    parser.add_argument(
         "--size",
         default="1400x900",
         help="window size WIDTHxHEIGHT for the screenshot (default 1400x900)",
@@ -171,13 +186,14 @@ def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namesp
         if args.path is None:  # the sample: close in on the epidermis to show single nuclei
             worker.finished.connect(lambda: _show_nuclei(viewer, widget))
         if args.review is not None:
-            worker.finished.connect(lambda: review(viewer, widget, args.review))
+            worker.finished.connect(lambda: review(viewer, widget, args.review, args))
     return worker
 
 
-def review(viewer: napari.Viewer, run_widget: Any, folder: Path) -> None:
+def review(viewer: napari.Viewer, run_widget: Any, folder: Path, args: Any = None) -> None:
     """Dock "Review & correct" on the image, make the run's points editable and review a
-    few in the middle of the view (accept six, reject two), as an annotator starts."""
+    few in the middle of the view (accept six, reject two), as an annotator starts; with
+    ``--retrain``, reject false points instead and retrain (`retrain`)."""
     import numpy as np
 
     from napari_histo_ai.widgets.review_widget import ReviewWidget
@@ -189,13 +205,16 @@ def review(viewer: napari.Viewer, run_widget: Any, folder: Path) -> None:
     session = widget.open_session()
     if session is None:
         return
-    points = [n for n, layer in run_widget.result_layers.items() if n.endswith("centres")]
+    points = [n for n in run_widget.result_layers if n.endswith(("centres", "mitoses", "points"))]
     if points and session.store.count() == 0:
         widget.source_combo.setCurrentText(points[0])
         widget.make_editable()
     widget.refresh_view()
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     layer = session.points_layer
+    if args is not None and args.retrain is not None:
+        retrain(viewer, run_widget, widget, args)
+        return
     if session.store.count(reviews=("unreviewed",)) == session.store.count() and len(layer.data):
         # review the markers nearest the centre of the view: accept six, reject two
         world = np.asarray(layer.data) * np.asarray(layer.scale) + np.asarray(layer.translate)
@@ -207,6 +226,44 @@ def review(viewer: napari.Viewer, run_widget: Any, folder: Path) -> None:
             action()
         layer.selected_data = set()
     print(f"demo: review: {widget.status_label.text()}")
+
+
+def retrain(viewer: napari.Viewer, run_widget: Any, review_widget: Any, args: Any) -> None:
+    """Reject up to 50 model points in the left half (the sample has no mitoses), dock
+    "Retrain", press Retrain, then run the new version on the view (Run model widget)."""
+    from napari_histo_ai.widgets.train_widget import RetrainWidget
+
+    session = review_widget.session
+    viewer.reset_view()
+    review_widget.refresh_view()
+    layer = session.points_layer
+    columns = layer.data[:, -1] * layer.scale[-1] + layer.translate[-1]  # µm
+    half = float(layer.extent.world[1][-1]) / 2
+    left = [i for i, c in enumerate(columns) if c < half][:50]
+    if left and session.store.count(reviews=("rejected",)) == 0:
+        layer.selected_data = set(left)
+        review_widget.reject()
+        layer.selected_data = set()
+    widget = RetrainWidget(viewer, models_dir=args.retrain)
+    viewer.window.add_dock_widget(widget, name="Retrain", tabify=True)
+    widget.image_combo.setCurrentText(run_widget.image_combo.currentText())
+    widget.model_combo.setCurrentText(run_widget.model_combo.currentText())
+    widget.epochs_spin.setValue(4)
+    for folder in args.retrain_data:
+        widget.add_data(folder)
+    worker = widget.retrain()
+    if worker is None:
+        return
+
+    def trained() -> None:
+        print(f"demo: retrain: {widget.status_label.text()}")
+        run_worker = widget.run_on_view()
+        if run_worker is not None:
+            run_worker.finished.connect(lambda: print(f"demo: {widget.runner.status_label.text()}"))
+            for callback in args.ready:
+                run_worker.finished.connect(callback)
+
+    worker.finished.connect(trained)
 
 
 def _show_nuclei(viewer: napari.Viewer, widget: Any) -> None:
@@ -239,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(str(u) != "pixel" for layer in layers for u in layer.units):
         show_scale_bar(viewer)
     viewer.reset_view()
+    args.ready = []  # called when the last step (the retrained run) is done
     worker = run_models(viewer, layers, args)
+    if args.retrain is None:  # the retraining dock, ready for a press of Retrain
+        from napari_histo_ai.widgets.train_widget import RetrainWidget
+
+        viewer.window.add_dock_widget(RetrainWidget(viewer), name="Retrain", tabify=True)
 
     if args.screenshot is None:
         napari.run()
@@ -261,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
             viewer.close()
             QApplication.quit()
 
-    if worker is not None:  # screenshot once the model's layers are complete
-        worker.finished.connect(lambda: QTimer.singleShot(int(args.delay * 1000), take_screenshot))
+    def later() -> None:
+        QTimer.singleShot(int(args.delay * 1000), take_screenshot)
+
+    if worker is not None and args.retrain is not None and args.review is not None:
+        args.ready.append(later)  # after retraining and the new version's run
+    elif worker is not None:  # screenshot once the model's layers are complete
+        worker.finished.connect(later)
     else:
         QTimer.singleShot(int(args.delay * 1000), take_screenshot)
     napari.run()

@@ -336,6 +336,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             data=args.data,
             corrections=args.corrections,
             epochs=args.epochs,
+            learning_rate=args.lr,
             threads=args.threads,
             device=args.device,
             work_dir=args.work_dir,
@@ -731,6 +732,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    if not result.improved and not args.no_register:
+        print(
+            "note: no epoch beat the parent on the validation items; no version registered",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1093,6 +1099,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--corrections", type=int, default=50, metavar="N")
     p.add_argument("--epochs", type=int, default=4, metavar="N")
+    p.add_argument("--lr", type=float, default=3e-4, metavar="R", help="Adam learning rate")
     p.add_argument("--threads", type=int, default=1, metavar="N")
     p.add_argument("--device", default="auto", metavar="D")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="keep the runs here")

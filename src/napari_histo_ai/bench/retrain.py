@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .infer import _sample_slide
 from .read import machine_info
 
 __all__ = ["main", "run_retrain_benchmark"]
@@ -49,12 +50,6 @@ REGION = (460, 172, 2048, 2048)
 #: the slide's left half (columns below this) is where corrections are made
 TRAIN_HALF_COLUMNS = 1110
 TARGET_LOOP_S = 180.0
-
-
-def _sample_slide() -> Path:
-    from .._napari.sample import sample_path
-
-    return Path(sample_path())
 
 
 def _points(result: Any, output: str = "mitoses") -> np.ndarray:
@@ -99,6 +94,7 @@ def run_retrain_benchmark(
     data: Sequence[str | Path] = (),
     corrections: int = 50,
     epochs: int = 4,
+    learning_rate: float = 3e-4,
     region: tuple[int, int, int, int] = REGION,
     work_dir: str | Path | None = None,
     threads: int | None = 1,
@@ -118,6 +114,8 @@ def run_retrain_benchmark(
         Points rejected in the training half.
     epochs : int
         Fine-tuning epochs (early stopping may end sooner).
+    learning_rate : float
+        Adam's learning rate.
     region : (top, left, height, width)
         The region re-run after retraining, level-0 px.
     work_dir : path, optional
@@ -186,7 +184,9 @@ def run_retrain_benchmark(
         out["corrections_s"] = round(time.perf_counter() - loop_start, 2)
 
         # 3. retrain on the corrections (+ data)
-        config = FinetuneConfig(epochs=epochs, threads=threads, device=device, seed=seed)
+        config = FinetuneConfig(
+            epochs=epochs, learning_rate=learning_rate, threads=threads, device=device, seed=seed
+        )
         request = RetrainRequest(
             spec,
             image=slide,
@@ -276,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", nargs="*", default=[], metavar="DIR")
     parser.add_argument("--corrections", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work-dir", default=None)
@@ -286,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data=args.data,
         corrections=args.corrections,
         epochs=args.epochs,
+        learning_rate=args.lr,
         threads=args.threads,
         device=args.device,
         work_dir=args.work_dir,

@@ -38,7 +38,11 @@ Validation split
 Fixed, so that every version of a model is compared on the same items: a manifest's
 sample goes to validation when the SHA-256 of ``<image content hash>:<block row>:<block
 column>`` (blocks of 2 patch sides, so neighbouring, overlapping patches go together)
-falls below ``val_fraction``. AMi-Br items follow their slide-disjoint split.
+falls below ``val_fraction``; a kind of sample (positive, negative, hard negative) with
+at least 5 items of which the hash held none out (its objects fell in few blocks) has its
+lowest-hash blocks held out until ``val_fraction`` of it is, so the corrections are
+always among the items every version is judged on. AMi-Br items follow their
+slide-disjoint split.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ IGNORE = -100
 _MPP_TOLERANCE = 0.02
 #: validation blocks are this many patch sides wide
 _BLOCK_PATCHES = 2
+#: side (model px) of the MICCAI negative windows that come with the AMi-Br crops
+MICCAI_NEGATIVE_SIDE = 64
+#: a kind of sample this frequent always has some validation items
+_MIN_KIND_FOR_VAL = 5
 
 
 @dataclass(frozen=True)
@@ -186,9 +194,29 @@ def _rescale(array: np.ndarray, factor: float, *, order: int) -> np.ndarray:
     return out.astype(array.dtype)
 
 
-def _block_split(key: str, val_fraction: float) -> str:
-    value = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-    return "val" if value < val_fraction else "train"
+def _block_value(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+def _hold_out_every_kind(items: list[TrainItem], values: list[float], val_fraction: float) -> None:
+    """A kind of sample (positive, negative, hard negative) with at least
+    `_MIN_KIND_FOR_VAL` items but none held out by the hash (its objects fell in few
+    blocks) gets its lowest-hash blocks held out, until ``val_fraction`` of it is."""
+    if val_fraction <= 0:
+        return
+    for kind in {it.kind for it in items}:
+        members = [i for i, it in enumerate(items) if it.kind == kind]
+        if len(members) < _MIN_KIND_FOR_VAL or any(items[i].split == "val" for i in members):
+            continue
+        wanted = max(1, round(val_fraction * len(members)))
+        held = 0
+        for value in sorted({values[i] for i in members}):
+            block = [i for i in range(len(items)) if values[i] == value]
+            for i in block:
+                items[i].split = "val"
+            held += sum(items[i].kind == kind for i in block)
+            if held >= wanted:
+                break
 
 
 # --------------------------------------------------------------------------- targets
@@ -285,6 +313,7 @@ def _manifest_items(
     block = _BLOCK_PATCHES * manifest.patch_size * float(manifest.mpp or level0) / level0
     content = str(manifest.image.get("content_hash") or manifest.image.get("path") or folder)
     items = []
+    values = []
     for index, sample in enumerate(manifest.samples):
         where = folder / sample.image
         image = _model_channels(_read(where), spec, where)
@@ -318,16 +347,18 @@ def _manifest_items(
                 target = _multiclass_from_labels(labels, manifest.mask_values, task, folder)
         plane = ":".join(str(p) for p in sample.plane)
         key = f"{content}:{plane}:{int(sample.y // block)}:{int(sample.x // block)}"
+        values.append(_block_value(key))
         items.append(
             TrainItem(
                 image=image,
                 target=target,
                 kind=sample.kind,
-                split=_block_split(key, val_fraction),
+                split="val" if values[-1] < val_fraction else "train",
                 source=f"{folder}#{index}",
                 added_miss=sample.added_miss,
             )
         )
+    _hold_out_every_kind(items, values, val_fraction)
     return items
 
 
@@ -363,6 +394,38 @@ def _ami_items(folder: Path, spec: ModelSpec, task: TrainingTask) -> list[TrainI
                 source=f"ami_br:{crop.name}",
             )
         )
+    items += _miccai_negatives(folder, spec, task)
+    return items
+
+
+def _miccai_negatives(folder: Path, spec: ModelSpec, task: TrainingTask) -> list[TrainItem]:
+    """The mitosis task's negatives: `MICCAI_NEGATIVE_SIDE` px windows of the MICCAI 2015
+    tiles beside the AMi-Br folder (brain-tumour H&E, assumed mitosis-free), the training
+    tiles as train items and the test tiles as validation items (as ``train-default
+    mitosis`` splits them). None when that folder is absent."""
+    from . import mitosis
+
+    side = MICCAI_NEGATIVE_SIDE
+    items = []
+    for split, names in (("train", mitosis.MICCAI_TRAIN), ("val", mitosis.MICCAI_TEST)):
+        for index, image in enumerate(mitosis._miccai_images(folder, names)):
+            image = _model_channels(image, spec, folder)
+            rows, cols = image.shape[0] // side, image.shape[1] // side
+            for r in range(rows):
+                for c in range(cols):
+                    window = image[r * side : (r + 1) * side, c * side : (c + 1) * side]
+                    target: np.ndarray | int = (
+                        0 if task.kind == "class" else np.zeros((side, side), np.float32)
+                    )
+                    items.append(
+                        TrainItem(
+                            image=np.ascontiguousarray(window),
+                            target=target,
+                            kind="negative",
+                            split=split,
+                            source=f"miccai:{names[index]}:{r}:{c}",
+                        )
+                    )
     return items
 
 

@@ -18,9 +18,10 @@ epoch and returns a `FinetuneResult`. One run:
    augmented. Then validation (loss and metrics), a checkpoint, early stopping when the
    validation loss has not improved for ``patience`` epochs (the best epoch's weights are
    kept).
-4. **After**: the best weights are scored on the same validation items; a new version
-   is registered (`register_version`) with its card: parent, data, config, metrics
-   before and after.
+4. **After**: the best weights are scored on the same validation items and registered as
+   a new version (`register_version`) with its card: parent, data, config, metrics before
+   and after. Only when some epoch beat the parent's validation loss: a copy of the
+   parent is not a new version (``FinetuneResult.improved``).
 
 Losses (``loss``): ``wbce`` (binary maps: BCE weighted ``1 + w·t``, ``w`` = negative /
 ``w`` = ``pos_weight``, 5 as the mitosis FCN trains), ``bce_dice`` (binary
@@ -257,6 +258,9 @@ class FinetuneResult:
     history : list of dict
     best_epoch : int
     stopped_early, cancelled : bool
+    improved : bool
+        Some epoch beat the parent's validation loss (else the parent's weights are
+        kept and nothing is registered).
     counts : dict of str to int
         Items by split and kind.
     seconds : float
@@ -271,6 +275,7 @@ class FinetuneResult:
     best_epoch: int
     stopped_early: bool
     cancelled: bool
+    improved: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     confusion: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -288,6 +293,7 @@ class FinetuneResult:
             "best_epoch": self.best_epoch,
             "stopped_early": self.stopped_early,
             "cancelled": self.cancelled,
+            "improved": self.improved,
             "counts": self.counts,
             "seconds": round(self.seconds, 2),
             "history": self.history,
@@ -551,11 +557,12 @@ def _score(
         return _Evaluation({}, np.zeros(0, int), np.zeros(0), np.zeros((0, 0), int), [])
     x, y = _centre_crop(data, window, task)
     raw = _forward_all(module, x, device)
-    # class-balanced: the mean of the positives' and the negatives' loss, so a few
-    # corrections weigh as much as hundreds of rehearsal items
+    # balanced by kind: the mean of the positives', the negatives' and the hard
+    # negatives' loss, so 50 corrections weigh as much as 500 rehearsal items
     parts = []
     with torch.no_grad():
-        for group in (data.positive, ~data.positive):
+        for kind in ("positive", "negative", "hard_negative"):
+            group = np.asarray(data.kinds == kind)
             if group.any():
                 parts.append(
                     float(
@@ -981,7 +988,8 @@ def finetune(
     scored_after = _score(module, val, **score_args)  # type: ignore[arg-type]
     after = scored_after.metrics
     result.after = after
-    if register:
+    result.improved = best_epoch > 0
+    if register and result.improved:
         from .versions import register_version
 
         yield progress("register", epoch, 0, 0, None, "registering the new version")

@@ -502,7 +502,16 @@ class RetrainWidget(QWidget):
                 f"({result.run_dir})"
             )
             return
-        assert result.spec is not None
+        if result.spec is None:
+            loss = result.before.get("loss")
+            shown = f" (validation loss {loss:.4f})" if loss is not None else ""
+            self._set_status(
+                f"no epoch beat {self._last_request.spec.name}{shown} on the validation "
+                "items, so no version was registered: review more objects, train longer "
+                f"or raise the learning rate\nplots: {result.run_dir}",
+                warn=True,
+            )
+            return
         self._registry = self._load_registry()
         self._fill_models(select=result.spec.name)
         before, after = result.before, result.after
