@@ -366,7 +366,7 @@ def test_cli_train_versions_compare(blob_set, tmp_path, monkeypatch, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["blob-fcn", "blob-fcn-v2"]
     assert (
-        rows[1]["parent"] == "blob-fcn 1.0" and rows[1]["before"]["auc"] < rows[1]["metrics"]["auc"]
+        rows[1]["parent"] == "blob-fcn 1.0" and rows[1]["before"]["f1"] < rows[1]["metrics"]["f1"]
     )
     plots = tmp_path / "plots"
     assert (

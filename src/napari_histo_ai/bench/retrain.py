@@ -28,10 +28,7 @@ tiles).
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,7 +40,7 @@ import numpy as np
 from .infer import _sample_slide
 from .read import machine_info
 
-__all__ = ["main", "run_retrain_benchmark"]
+__all__ = ["run_retrain_benchmark"]
 
 #: the 2k x 2k region re-run after retraining: (top, left, height, width), level-0 px
 REGION = (460, 172, 2048, 2048)
@@ -269,37 +266,3 @@ def run_retrain_benchmark(
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mitosis-fcn")
-    parser.add_argument("--data", nargs="*", default=[], metavar="DIR")
-    parser.add_argument("--corrections", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--json-out", default=None)
-    args = parser.parse_args(argv)
-    result = run_retrain_benchmark(
-        model=args.model,
-        data=args.data,
-        corrections=args.corrections,
-        epochs=args.epochs,
-        learning_rate=args.lr,
-        threads=args.threads,
-        device=args.device,
-        work_dir=args.work_dir,
-    )
-    text = json.dumps(result, indent=2)
-    if args.json_out:
-        from ..atomic import write_json_atomic
-
-        write_json_atomic(Path(args.json_out), result)
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
