@@ -137,6 +137,14 @@ class RetrainWidget(QWidget):
         self.feed_check.setChecked(True)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.threads_spin = QSpinBox()
+        self.threads_spin.setRange(0, 256)
+        self.threads_spin.setValue(1)
+        self.threads_spin.setSpecialValueText("torch default")
+        self.threads_spin.setToolTip(
+            "CPU threads for training (the setting stays for the session); on a busy "
+            "2-core machine 1 thread trains fastest"
+        )
         # -- run
         self.retrain_button = QPushButton("Retrain")
         self.cancel_button = QPushButton("Cancel")
@@ -189,6 +197,7 @@ class RetrainWidget(QWidget):
         form.addRow(self.balanced_check)
         form.addRow(self.feed_check)
         form.addRow("Device", self.device_combo)
+        form.addRow("CPU threads", self.threads_spin)
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.retrain_button)
@@ -371,6 +380,7 @@ class RetrainWidget(QWidget):
             loss=self.loss_combo.currentText() or "auto",
             patience=self.patience_spin.value(),
             device=self.device_combo.currentText(),
+            threads=self.threads_spin.value() or None,
         )
 
     def request(self, *, resume: bool = False) -> Any:
