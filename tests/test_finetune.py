@@ -215,6 +215,27 @@ def test_early_stopping_keeps_the_best_epoch(blob_set, tmp_path):
     assert result.spec is None
 
 
+def test_frozen_first_layers_stay_the_parents(blob_set, tmp_path):
+    import torch
+
+    from napari_histo_ai.models.loading import load_model
+
+    parent = load_model(tiny_spec(), device="cpu").module.state_dict()
+    result = finetune_sync(
+        tiny_spec(),
+        [blob_set],
+        config=config(epochs=2, freeze_fraction=0.5),
+        run_dir=tmp_path / "run",
+        models_dir=tmp_path / "models",
+    )
+    assert result.spec is not None
+    child = load_model(result.spec, device="cpu").module.state_dict()
+    names = list(parent)
+    frozen, trained = names[: len(names) // 2], names[len(names) // 2 :]
+    assert all(torch.equal(parent[n], child[n]) for n in frozen)
+    assert any(not torch.equal(parent[n], child[n]) for n in trained)
+
+
 def test_versions_lineage(blob_set, tmp_path):
     models = tmp_path / "models"
     quick = config(epochs=1)

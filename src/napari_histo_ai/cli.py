@@ -650,6 +650,7 @@ def _finetune_config(args: argparse.Namespace) -> Any:
         loss=args.loss,
         pos_weight=args.pos_weight,
         freeze_batchnorm=not args.train_batchnorm,
+        freeze_fraction=args.freeze_fraction,
         patience=args.patience,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -1251,6 +1252,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pos-weight", type=float, default=5.0, metavar="W", help="wbce weight")
     p.add_argument("--train-batchnorm", action="store_true", help="re-estimate BN statistics")
+    p.add_argument(
+        "--freeze-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="keep this share of the parameter tensors (the first layers) as the parent's",
+    )
     p.add_argument("--patience", type=int, default=3, metavar="N", help="0: no early stop")
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F")
     p.add_argument("--seed", type=int, default=0)

@@ -265,4 +265,3 @@ def run_retrain_benchmark(
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
-

@@ -150,6 +150,9 @@ class FinetuneConfig:
         Keep batch-norm layers' running statistics as the parent learnt them on its full
         training set (their affine weights still train): a few hundred patches are too
         few to re-estimate them.
+    freeze_fraction : float
+        Share of the network's parameter tensors, in definition order (the first layers),
+        that stay as the parent's; 0 trains all.
     patience : int
         Epochs without a better validation loss before stopping; 0 = never stop early.
     val_fraction : float
@@ -177,6 +180,7 @@ class FinetuneConfig:
     loss: str = "auto"
     pos_weight: float = 5.0
     freeze_batchnorm: bool = True
+    freeze_fraction: float = 0.0
     patience: int = 3
     val_fraction: float = 0.2
     seed: int = 0
@@ -197,6 +201,7 @@ class FinetuneConfig:
             (self.hard_negative_weight > 0, "hard_negative_weight must be positive"),
             (self.patience >= 0, "patience must be >= 0"),
             (self.pos_weight >= 0, "pos_weight must be >= 0"),
+            (0 <= self.freeze_fraction < 1, "freeze_fraction must be in [0, 1)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
         ]
@@ -682,6 +687,15 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _trainable(module: torch.nn.Module, fraction: float) -> list[Any]:
+    """The parameters to train: all but the first ``fraction`` of the tensors."""
+    params = list(module.parameters())
+    frozen = int(len(params) * fraction)
+    for p in params[:frozen]:
+        p.requires_grad_(False)
+    return params[frozen:]
+
+
 def _train_mode(module: torch.nn.Module, *, freeze_batchnorm: bool) -> None:
     import torch
 
@@ -820,7 +834,8 @@ def finetune(
     scored_before = _score(module, val, **score_args)  # type: ignore[arg-type]
     before = scored_before.metrics
 
-    optimiser = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
+    trainable = _trainable(module, config.freeze_fraction)
+    optimiser = torch.optim.Adam(trainable, lr=config.learning_rate)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     first_epoch = 1
