@@ -313,24 +313,7 @@ def entropy_map(run: str | Path, *, channels: Sequence[int] | None = None) -> Un
                     f"'{spec.name}' (stored: {prob_channels})"
                 )
             chans = [index[c] for c in channels]
-        prob = group["probability"]
-        cell = int(prob["0"].chunks[-1])
-        levels = []
-        for k in sorted(int(key) for key in prob.array_keys()):
-            lv = da.from_zarr(prob[str(k)])[chans]
-            levels.append(
-                da.map_blocks(
-                    _dense_entropy_block,
-                    lv,
-                    softmax=softmax,
-                    cells_done=done,
-                    cell=cell,
-                    factor=2**k,
-                    drop_axis=0,
-                    dtype=np.float32,
-                    meta=np.empty((0,) * (lv.ndim - 1), dtype=np.float32),
-                )
-            )
+        levels = _block_levels(group, chans, done, _dense_entropy_block, softmax=softmax)
         return _base(group, record, spec, path, "entropy", levels)
     if spec.activation == "none":
         raise ModelInputError(
@@ -345,6 +328,32 @@ def entropy_map(run: str | Path, *, channels: Sequence[int] | None = None) -> Un
         values = binary_entropy(sel).max(axis=0)
     values = np.where(np.isnan(tiles).any(axis=0), np.float32(np.nan), values).astype(np.float32)
     return _base(group, record, spec, path, "entropy", [da.from_array(values)])
+
+
+def _block_levels(group: Any, chans: list[int], done: Any, block: Any, **kwargs: Any) -> list[Any]:
+    """One lazy map per stored probability level: ``block`` over its chunks of ``chans``
+    (the channel axis dropped), told which cells are final."""
+    import dask.array as da
+
+    prob = group["probability"]
+    cell = int(prob["0"].chunks[-1])
+    levels = []
+    for k in sorted(int(key) for key in prob.array_keys()):
+        lv = da.from_zarr(prob[str(k)])[chans]
+        levels.append(
+            da.map_blocks(
+                block,
+                lv,
+                cells_done=done,
+                cell=cell,
+                factor=2**k,
+                drop_axis=0,
+                dtype=np.float32,
+                meta=np.empty((0,) * (lv.ndim - 1), dtype=np.float32),
+                **kwargs,
+            )
+        )
+    return levels
 
 
 def mc_dropout_map(run: str | Path) -> UncertaintyMap:
@@ -372,23 +381,7 @@ def mc_dropout_map(run: str | Path) -> UncertaintyMap:
     if spec.dense:
         index = {int(c): i for i, c in enumerate(record["prob_channels"])}
         chans = [index[c] for c in out.channels]
-        prob = group["probability"]
-        cell = int(prob["0"].chunks[-1])
-        levels = []
-        for k in sorted(int(key) for key in prob.array_keys()):
-            lv = da.from_zarr(prob[str(k)])[chans]
-            levels.append(
-                da.map_blocks(
-                    _stored_block,
-                    lv,
-                    cells_done=done,
-                    cell=cell,
-                    factor=2**k,
-                    drop_axis=0,
-                    dtype=np.float32,
-                    meta=np.empty((0,) * (lv.ndim - 1), dtype=np.float32),
-                )
-            )
+        levels = _block_levels(group, chans, done, _stored_block)
         return _base(group, record, spec, path, "mc-dropout", levels)
     tiles = np.asarray(group["tiles"]["0"], dtype=np.float32)
     values = tiles[list(out.channels)].max(axis=0).astype(np.float32)
