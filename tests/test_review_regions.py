@@ -127,3 +127,51 @@ def test_rank_regions_and_step_through_them(make_napari_viewer, qtbot, tmp_path,
     assert widget.session.region_index == 0 and len(widget.session.region_queue) == 4
     assert widget.previous_region() is None  # before the first: stays put
     assert "start of the region queue" in widget.status_label.text()
+
+
+def test_mc_dropout_ranks_the_visible_region(make_napari_viewer, qtbot, tmp_path, errors):
+    """MC-dropout passes > 0: the run's model (the packaged mitosis-fcn, dropout 0.1) is
+    run again over the view with dropout on, and its spread is what gets ranked."""
+    from napari_histo_ai.models.loading import load_model
+    from napari_histo_ai.models.registry import load_registry
+    from napari_histo_ai.widgets.review_widget import ReviewWidget
+
+    viewer = make_napari_viewer()
+    (slide,) = add_layer_data(viewer, pyramid_to_layer_data(open_image(sample_path())))
+    spec = load_registry(user_dir=tmp_path).get("mitosis-fcn")
+    pyramid = open_image(sample_path())
+    try:
+        run = tmp_path / "mitosis.zarr"
+        roi = RunConfig(roi=(1200.0, 600.0, 512.0, 512.0))
+        run_model_sync(pyramid, load_model(spec, device="cpu"), run, config=roi)
+    finally:
+        pyramid.close()
+    layers = add_layer_data(viewer, run_folder_layers(run))
+    prob = next(layer for layer in layers if layer.metadata.get("kind") == "probability")
+    # look at the computed region only
+    unit = float(slide.scale[-1])
+    viewer.scene.camera.center = (1456.0 * unit, 856.0 * unit)
+    viewer.scene.camera.zoom = 2.0
+    widget = ReviewWidget(viewer, store_root=tmp_path)
+    viewer.window.add_dock_widget(widget)
+    widget.image_combo.setCurrentText(slide.name)
+    widget.result_combo.setCurrentText(prob.name)
+    widget.region_spin.setValue(32.0)
+    widget.top_spin.setValue(3)
+    widget.mc_spin.setValue(4)
+    widget.rank_regions()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert not errors, errors
+    assert "mc-dropout" in widget.status_label.text()
+    ranking = widget.last_ranking
+    assert ranking is not None and ranking.complete and len(ranking.regions) == 3
+    assert (tmp_path / "mitosis.mc4.zarr").is_dir()
+    from napari_histo_ai._napari.run import layer_pyramid, viewport_box
+
+    top, left, height, width = viewport_box(viewer, layer_pyramid(slide), slide)
+    margin = spec.io.patch_size  # the run computes whole tiles over the view's edges
+    for region in ranking.regions:  # where the MC-dropout run went: the view
+        assert top - margin <= region.top + region.height / 2 <= top + height + margin
+        assert left - margin <= region.left + region.width / 2 <= left + width + margin
+    assert ranking.regions[0].score >= ranking.regions[-1].score > 0
+    assert f"{slide.name} · mitosis-fcn-mc4 · review queue" in viewer.layers

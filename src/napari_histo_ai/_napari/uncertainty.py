@@ -3,6 +3,8 @@
 * `uncertainty_layer`: a multiscale Image (lazy, one dask level per map level) placed
   exactly like the run's probability layer (`napari_histo_ai._napari.results`); cells
   the run did not compute (NaN in the map) show as 0.
+* `rank_job`: the "Rank regions" worker's generator (entropy of the run, or an
+  MC-dropout run over the view first).
 * `regions_layer`: a Shapes layer of the ranked regions (rectangles, rank as text),
   named ``"<image> · <model> · review queue"``, placed like the model's object layers
   (level-0 pixels, world = (c - 0.5) · unit).
@@ -10,7 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import numpy as np
 from ..inference.uncertainty import Region, UncertaintyMap
 from .results import LayerDataTuple, _object_placement, _placement, _units
 
-__all__ = ["is_result_layer", "regions_layer", "result_run", "uncertainty_layer"]
+__all__ = ["is_result_layer", "rank_job", "regions_layer", "result_run", "uncertainty_layer"]
 
 #: metadata ``kind`` of the layers made here
 UNCERTAINTY_KIND = "uncertainty"
@@ -127,3 +130,63 @@ def is_result_layer(layer: Any) -> bool:
 def result_run(layer: Any) -> Path:
     """The run folder of a result layer (`is_result_layer`)."""
     return Path(layer.metadata["run"])
+
+
+def rank_job(
+    viewer: Any,
+    layer: Any,
+    *,
+    passes: int,
+    region_um: float,
+    top_k: int,
+    cancel: threading.Event,
+    device: str = "auto",
+) -> Generator[Any, None, tuple[Any, UncertaintyMap] | None]:
+    """What "Rank regions" runs in its worker: the uncertainty of result layer ``layer``,
+    then its ranked regions.
+
+    ``passes == 0``: the run's own entropy (no model runs). ``passes >= 2``: an
+    MC-dropout run of the run's model over the **visible part** of the image first
+    (``passes`` forward passes per tile, so a view rather than a slide), into
+    ``<run>.mc<passes>.zarr`` beside the run; an existing one resumes.
+
+    Yields the engine's progress, then the ranking's; returns ``(Ranking, map)``, or
+    ``None`` when cancelled during the MC-dropout run.
+    """
+    from ..errors import HistoAIError
+    from ..inference.engine import RunConfig
+    from ..inference.uncertainty import (
+        iter_rank_regions,
+        mc_dropout_map,
+        mc_dropout_run,
+        run_spec,
+        uncertainty_map,
+    )
+    from ..models.loading import load_model
+    from .run import layer_pyramid, viewport_box
+
+    run = result_run(layer)
+    if passes:
+        image_name = str(layer.name).split(" · ")[0]
+        if image_name not in viewer.layers:
+            raise HistoAIError(
+                f"the image '{image_name}' of result '{layer.name}' is not open: MC-dropout "
+                "runs the model on it again"
+            )
+        image = viewer.layers[image_name]
+        pyramid = layer_pyramid(image)
+        box = viewport_box(viewer, pyramid, image)
+        if box is None:
+            raise HistoAIError(f"the view does not show '{image_name}': pan to a region first")
+        out = run.with_name(f"{run.stem}.mc{passes}.zarr")
+        predictor = load_model(run_spec(run), device=device)
+        result = yield from mc_dropout_run(
+            pyramid, predictor, out, passes=passes, config=RunConfig(roi=box), cancel=cancel
+        )
+        if result.cancelled:
+            return None
+        umap = mc_dropout_map(out)
+    else:
+        umap = uncertainty_map(run)
+    ranking = yield from iter_rank_regions(umap, region_um=region_um, top_k=top_k, cancel=cancel)
+    return ranking, umap

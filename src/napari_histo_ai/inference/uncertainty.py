@@ -570,6 +570,11 @@ class MCDropoutPredictor(Predictor):
             return torch.cat([mean, u.clamp(0.0, 1.0)], dim=1).contiguous()
 
 
+def run_spec(run: str | Path) -> ModelSpec:
+    """The model a run folder was made with (from its record)."""
+    return _open_run(run)[2]
+
+
 def mc_dropout_run(
     pyramid: Pyramid,
     predictor: Predictor,

@@ -614,6 +614,14 @@ class ReviewWidget(QWidget):
         self.top_spin = QSpinBox()
         self.top_spin.setRange(1, 10_000)
         self.top_spin.setValue(20)
+        self.mc_spin = QSpinBox()
+        self.mc_spin.setRange(0, 64)
+        self.mc_spin.setValue(0)
+        self.mc_spin.setSpecialValueText("off: the run's entropy")
+        self.mc_spin.setToolTip(
+            "MC-dropout: run the result's model this many times per tile over the visible "
+            "region with dropout on, and rank by the spread (models with dropout only)"
+        )
         self.rank_button = QPushButton("Rank regions")
         self.rank_cancel_button = QPushButton("Cancel")
         self.rank_cancel_button.setEnabled(False)
@@ -627,6 +635,7 @@ class ReviewWidget(QWidget):
         form.addRow("Result", self.result_combo)
         form.addRow("Region", self.region_spin)
         form.addRow("Top", self.top_spin)
+        form.addRow("MC-dropout passes", self.mc_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.rank_button)
         buttons.addWidget(self.rank_cancel_button)
@@ -652,8 +661,7 @@ class ReviewWidget(QWidget):
             return self._worker
 
         def start() -> Any:
-            from .._napari.uncertainty import result_run
-            from ..inference.uncertainty import iter_rank_regions, uncertainty_map
+            from .._napari.uncertainty import rank_job
 
             name = self.result_combo.currentText()
             if not name:
@@ -661,25 +669,31 @@ class ReviewWidget(QWidget):
                     "no result layer: run a model with 'Run model' first (its probability "
                     "layer is what gets ranked)"
                 )
-            umap = uncertainty_map(result_run(self._viewer.layers[name]))
+            passes = int(self.mc_spin.value())
+            if passes == 1:
+                raise HistoAIError("MC-dropout needs at least 2 passes (0: the run's entropy)")
             image = name.split(" · ")[0]
             self._cancel = threading.Event()
-            generator = iter_rank_regions(
-                umap,
+            worker = create_worker(
+                rank_job,
+                self._viewer,
+                self._viewer.layers[name],
+                passes=passes,
                 region_um=float(self.region_spin.value()),
                 top_k=int(self.top_spin.value()),
                 cancel=self._cancel,
+                _start_thread=False,
             )
-            worker = create_worker(lambda: (yield from generator), _start_thread=False)
             worker.yielded.connect(self._on_rank_progress)
-            worker.returned.connect(lambda ranking: self._on_ranked(ranking, umap, image))
+            worker.returned.connect(lambda out: self._on_ranked(out, image))
             worker.errored.connect(self._on_rank_error)
             worker.finished.connect(self._on_rank_finished)
             self._worker = worker
             self.rank_button.setEnabled(False)
             self.rank_cancel_button.setEnabled(True)
             self.rank_progress.setRange(0, 0)
-            self._set_status(f"ranking regions of '{name}' by {umap.method}…")
+            how = f"MC-dropout ({passes} passes over the view)" if passes else "entropy"
+            self._set_status(f"ranking regions of '{name}' by {how}…")
             worker.start()
             return worker
 
@@ -689,11 +703,15 @@ class ReviewWidget(QWidget):
         self.rank_progress.setRange(0, max(1, int(progress.total)))
         self.rank_progress.setValue(int(progress.done))
 
-    def _on_ranked(self, ranking: Any, umap: Any, image: str) -> None:
+    def _on_ranked(self, out: Any, image: str) -> None:
         def show() -> None:
             from .._napari.layers import add_layer_data
             from .._napari.uncertainty import regions_layer, uncertainty_layer
 
+            if out is None:
+                self._set_status("MC-dropout run cancelled: Rank regions again resumes it")
+                return
+            ranking, umap = out
             self.last_ranking = ranking
             if not ranking.complete:
                 self._set_status("ranking cancelled")
