@@ -59,6 +59,9 @@ screenshot: install
 	$(BIN)/python scripts/demo.py --screenshot docs/images/demo.png
 	$(BIN)/python scripts/demo.py --review $$(mktemp -d) --size 1800x1000 --delay 2 \
 		--screenshot docs/images/review.png
+	$(BIN)/python scripts/demo.py --model mitosis-fcn --review $$(mktemp -d) --retrain $$(mktemp -d) \
+		--retrain-data ../shared/data/ami_br_mitosis --size 1800x1100 --delay 2 \
+		--screenshot docs/images/retrain.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo .bench

@@ -301,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.retrain is None:  # the retraining dock, ready for a press of Retrain
         from napari_histo_ai.widgets.train_widget import RetrainWidget
 
-        viewer.window.add_dock_widget(RetrainWidget(viewer), name="Retrain", tabify=True)
+        retrain_widget = RetrainWidget(viewer)
+        if args.model != "none":
+            retrain_widget.model_combo.setCurrentText(args.model)
+        viewer.window.add_dock_widget(retrain_widget, name="Retrain", tabify=True)
+        if worker is not None:  # keep the run's widget in front
+            run_dock, _ = viewer.window.add_plugin_dock_widget("napari-histo-ai", "Run model")
+            worker.finished.connect(run_dock.raise_)  # after the tab bar has settled
 
     if args.screenshot is None:
         napari.run()

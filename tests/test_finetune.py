@@ -201,13 +201,21 @@ def test_cancel_keeps_the_checkpoint_and_resume_finishes(blob_set, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_epoch(blob_set, tmp_path):
-    result = finetune_sync(
-        tiny_spec(),
-        [blob_set],
-        config=config(epochs=30, learning_rate=0.05, patience=1),
-        run_dir=tmp_path / "run",
-        register=False,
-    )
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = finetune_sync(
+            tiny_spec(),
+            [blob_set],
+            config=config(epochs=30, learning_rate=0.05, patience=1),
+            run_dir=tmp_path / "run",
+            register=False,
+        )
+        assert torch.get_num_threads() == 2  # threads=1 held only while it trained
+    finally:
+        torch.set_num_threads(before)
     assert result.stopped_early and len(result.history) < 30
     best = min(result.history, key=lambda h: h["val_loss"])
     assert result.best_epoch == best["epoch"]

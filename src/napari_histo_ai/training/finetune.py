@@ -161,8 +161,9 @@ class FinetuneConfig:
     device : str
         ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
     threads : int or None
-        torch CPU threads (``None``: torch's default). On a loaded 2-core machine one
-        thread is often faster.
+        torch CPU threads while this run trains (``None``: leave torch's setting); the
+        previous setting is restored afterwards. On a loaded 2-core machine one thread is
+        often faster.
     """
 
     epochs: int = 6
@@ -431,7 +432,7 @@ def _resolve_loss(name: str, task: TrainingTask, targets: np.ndarray) -> str:
     return "ce"
 
 
-def _dense_logits(out: torch.Tensor, spec: ModelSpec, task: TrainingTask, side: int) -> Any:
+def _dense_logits(out: torch.Tensor, task: TrainingTask, side: int) -> Any:
     import torch.nn.functional as F
 
     logits = out[:, list(task.channels)]
@@ -462,7 +463,7 @@ def _loss(
             return rare_hinge_loss(score, (y > 0).float())
         per = F.cross_entropy(logits, y, reduction="none")
         return (per * weights).sum() / weights.sum()
-    logits = _dense_logits(out, spec, task, y.shape[-1])
+    logits = _dense_logits(out, task, y.shape[-1])
     w = weights.view(-1, 1, 1)
     if task.kind == "multiclass":
         per = F.cross_entropy(logits, y, reduction="none", ignore_index=IGNORE)
@@ -508,7 +509,7 @@ def _probabilities(raw: np.ndarray, spec: ModelSpec, task: TrainingTask, side: i
     if task.kind == "class":
         logits = t.reshape(t.shape[0], -1)[:, list(task.channels)]
     else:
-        logits = _dense_logits(t, spec, task, side)
+        logits = _dense_logits(t, task, side)
     if (
         spec.activation == "softmax"
         or task.kind in ("multiclass",)
@@ -765,6 +766,42 @@ def finetune(
         Data that cannot train the model (see `load_items`), a bad configuration, a
         resume whose run folder was made with other data or options.
     """
+    config = config or FinetuneConfig()
+    threads = config.threads
+    run = _finetune(
+        spec,
+        sources,
+        config=config,
+        run_dir=run_dir,
+        resume=resume,
+        register=register,
+        models_dir=models_dir,
+        cancel=cancel,
+    )
+    if not threads:
+        return (yield from run)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # the process-wide setting: inference after training gets its threads back
+        return (yield from run)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _finetune(
+    spec: ModelSpec,
+    sources: Sequence[str | Path],
+    *,
+    config: FinetuneConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    register: bool = True,
+    models_dir: str | Path | None = None,
+    cancel: threading.Event | None = None,
+) -> Generator[TrainProgress, None, FinetuneResult]:
+    """`finetune` without the thread setting."""
     import torch
 
     from ..models.loading import load_model, resolve_device
@@ -787,8 +824,6 @@ def finetune(
                 f"{run_dir}: was started with other {', '.join(changed)}; resume it with "
                 "the same model, data and options, or start a new run"
             )
-    if config.threads:
-        torch.set_num_threads(config.threads)
     task = training_task(spec)
 
     def progress(

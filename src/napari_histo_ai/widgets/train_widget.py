@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -142,8 +143,8 @@ class RetrainWidget(QWidget):
         self.threads_spin.setValue(1)
         self.threads_spin.setSpecialValueText("torch default")
         self.threads_spin.setToolTip(
-            "CPU threads for training (the setting stays for the session); on a busy "
-            "2-core machine 1 thread trains fastest"
+            "CPU threads while training (restored afterwards); on a busy 2-core machine "
+            "1 thread trains fastest"
         )
         # -- run
         self.retrain_button = QPushButton("Retrain")
@@ -392,7 +393,7 @@ class RetrainWidget(QWidget):
         if resume:
             if self._last_request is None:
                 raise HistoAIError("nothing to resume: press Retrain first")
-            return self._last_request.__class__(**{**self._last_request.__dict__, "resume": True})
+            return replace(self._last_request, resume=True)
         model = self.model_combo.currentText()
         if not model:
             raise HistoAIError("no model here can be fine-tuned (see 'napari-histo-ai models')")
