@@ -5,11 +5,13 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# headless Chromium and pdftoppm: the report tests render the HTML and the PDF to images
+REPORT_PACKAGES := chromium poppler-utils
 # X server and the libraries Qt 6 / OpenGL need to draw napari (headless: under Xvfb)
 APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-render-util0 \
 	libxcb-xinerama0 libxcb-xkb1 libxcb-shape0 libxcb-randr0 libxcb-cursor0 libxkbcommon-x11-0 \
 	libxkbcommon0 libegl1 libgl1 libglx-mesa0 libgl1-mesa-dri libdbus-1-3 libfontconfig1 \
-	libglib2.0-0
+	libglib2.0-0 $(REPORT_PACKAGES)
 
 .PHONY: demo screenshot test lint unit fuzz bench apt install clean
 
@@ -62,6 +64,19 @@ screenshot: install
 	$(BIN)/python scripts/demo.py --model mitosis-fcn --review $$(mktemp -d) --retrain $$(mktemp -d) \
 		--retrain-data ../shared/data/ami_br_mitosis --size 1800x1100 --delay 2 \
 		--screenshot docs/images/retrain.png
+	$(BIN)/python scripts/demo.py --model none --open-widget --size 1400x1000 --delay 2 \
+		--screenshot docs/images/open.png
+	rm -rf .demo/export
+	$(BIN)/python scripts/demo.py --review $$(mktemp -d) --export .demo/export --size 1800x1000 \
+		--delay 2 --screenshot docs/images/export.png
+	rm -rf .demo/report
+	$(BIN)/python scripts/demo.py --model mitosis-fcn --report .demo/report --size 1800x1100 \
+		--delay 2 --screenshot docs/images/report.png
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+		--disable-background-networking --disable-component-update --disable-sync \
+		--user-data-dir=$$(mktemp -d) --hide-scrollbars --window-size=1000,1500 \
+		--screenshot=docs/images/report-page.png \
+		file://$(CURDIR)/.demo/report/CMU-1-Small-Region.report.html
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo .bench

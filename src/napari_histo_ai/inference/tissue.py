@@ -79,7 +79,15 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
-def foreground(thumbnail: np.ndarray, *, threshold: float | None = None) -> tuple[np.ndarray, str]:
+#: for measuring tissue area: optical density (summed over RGB) above the slide's own
+#: background (its brightest 2 %) from which a pixel is tissue; pale stroma and fat
+#: septa stay in, glass and scanner noise (about 0.02-0.05) stay out
+AREA_MARGIN_OD = 0.15
+
+
+def foreground(
+    thumbnail: np.ndarray, *, threshold: float | None = None, area: bool = False
+) -> tuple[np.ndarray, str]:
     """Foreground of a thumbnail: tissue on a bright slide, bright objects on dark images.
 
     Parameters
@@ -89,6 +97,13 @@ def foreground(thumbnail: np.ndarray, *, threshold: float | None = None) -> tupl
     threshold : float, optional
         For RGB, optical density (summed over channels) above which a pixel is tissue;
         default Otsu's threshold, at least 0.15. For greyscale, intensity; default Otsu.
+    area : bool
+        RGB only, without ``threshold``: the mask measures tissue area (reports) rather
+        than finding tiles worth computing. Otsu's threshold on optical density splits
+        dense from pale tissue when the slide holds both, leaving pale stroma out; here
+        the threshold is at most `AREA_MARGIN_OD` above the background's optical density
+        (its brightest 2 % of pixels), so every pixel visibly darker than the glass
+        counts. On the CMU-1 sample: 34 % of the image instead of 28 %.
 
     Returns
     -------
@@ -108,8 +123,16 @@ def foreground(thumbnail: np.ndarray, *, threshold: float | None = None) -> tupl
         if background < 100:  # dark background (fluorescence, dark-field): all foreground
             return np.ones(img.shape[:2], dtype=bool), "dark background: all tiles"
         t = threshold if threshold is not None else max(0.15, _otsu(od))
-        mask = od > t
         method = f"optical density > {t:.3f}"
+        if area and threshold is None:
+            bright = np.percentile(rgb.mean(axis=-1), 98)
+            glass = float(-np.log((bright + 1.0) / 256.0) * 3)
+            if glass + AREA_MARGIN_OD < t:
+                t = glass + AREA_MARGIN_OD
+                method = (
+                    f"optical density > {t:.3f} (the background's {glass:.3f} + {AREA_MARGIN_OD:g})"
+                )
+        mask = od > t
     else:
         grey = img if img.ndim == 2 else img[..., 0]
         grey = grey.astype(np.float32)
@@ -122,12 +145,15 @@ def foreground(thumbnail: np.ndarray, *, threshold: float | None = None) -> tupl
     return mask, method
 
 
-def tissue_mask(pyramid: Pyramid, *, threshold: float | None = None) -> TissueMask:
+def tissue_mask(
+    pyramid: Pyramid, *, threshold: float | None = None, area: bool = False
+) -> TissueMask:
     """Compute the foreground mask of a 2D pyramid from its coarsest usable level.
 
     Uses the finest level whose longest side is at most `MASK_SIDE`; when even the
     coarsest level is larger (single-level images), it is read with a stride, one
-    chunk row at a time, so memory stays bounded.
+    chunk row at a time, so memory stays bounded. ``threshold`` and ``area``: see
+    `foreground`.
     """
     shapes = [pyramid.spatial_shape(i) for i in range(len(pyramid.levels))]
     level = len(shapes) - 1
@@ -163,5 +189,5 @@ def tissue_mask(pyramid: Pyramid, *, threshold: float | None = None) -> TissueMa
         pass
     elif pyramid.axes != "YXS":
         thumb = np.moveaxis(thumb, (ly, lx), (0, 1))
-    mask, method = foreground(thumb, threshold=threshold)
+    mask, method = foreground(thumb, threshold=threshold, area=area)
     return TissueMask(mask, (h0 / mask.shape[0], w0 / mask.shape[1]), method)
