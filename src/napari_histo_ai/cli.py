@@ -11,6 +11,9 @@ Usage::
     napari-histo-ai predict PATH... --model NAME --out DIR [--roi X,Y,W,H]... [--device D]
         [--batch-size N] [--threshold T] [--mpp M] [--no-tissue] [--restart]
         [--local-cluster N | --scheduler tcp://HOST:PORT]
+    napari-histo-ai batch SLIDES... --out DIR [--model NAME]... [--restart] [--patient-csv F]
+        [--hpf-area MM2] [--format html,pdf] [--device D] [--mpp M | --missing-mpp M]
+        [--local-cluster N | --scheduler A]
     napari-histo-ai train-default TASK --data DIR --out FILE [--seed N] [--epochs N]
     napari-histo-ai evaluate --model NAME --data DIR [--weights FILE] [--json-out FILE]
         [--plots DIR] [--with-curves]
@@ -19,6 +22,8 @@ Usage::
     napari-histo-ai bench annotations [--sizes N...] [--polygons N] [--json-out F]
     napari-histo-ai bench retrain [--data DIR...] [--corrections N] [--epochs N]
         [--batch-size N] [--json-out FILE]
+    napari-histo-ai bench cohort [SLIDE...] [--copies N] [--size PX] [--model NAME]...
+        [--default-panel] [--workers N] [--json-out FILE]
     napari-histo-ai import FILE --image IMG [--store STORE] [--format F] [--source S]
         [--model-version V] [--classes A,B]
     napari-histo-ai export [--store STORE] [--image IMG] --format geojson|csv|coco|mias|
@@ -273,6 +278,137 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .inference.engine import RunConfig
+    from .reports.cohort import (
+        STATUS_CANCELLED,
+        STATUS_DONE,
+        STATUS_FAILED,
+        STATUS_SKIPPED,
+        CohortProgressBar,
+        expand_slides,
+        read_patient_table,
+        run_cohort,
+    )
+    from .reports.content import ReportOptions
+
+    _check_positive("--hpf-area", args.hpf_area)
+    _check_positive("--batch-size", args.batch_size)
+    _check_positive("--mpp", args.mpp)
+    _check_positive("--missing-mpp", args.missing_mpp)
+    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in ("html", "pdf")]
+    if unknown:
+        raise HistoAIError(
+            f"--format {args.format!r} is invalid: expected html, pdf or html,pdf "
+            f"(unknown: {', '.join(unknown)})"
+        )
+    if args.local_cluster is not None and args.local_cluster < 0:
+        raise HistoAIError(
+            f"--local-cluster {args.local_cluster} is invalid: expected 0 (run here) or more"
+        )
+    patients = read_patient_table(args.patient_csv) if args.patient_csv else None
+    options = ReportOptions()
+    if args.hpf_area is not None:
+        options = ReportOptions(hpf_area_mm2=args.hpf_area)
+    config = RunConfig(batch_size=args.batch_size, mpp=args.mpp)
+    found = expand_slides(args.slides)
+    for path, why in found.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    cancel = threading.Event()
+    with _StopOnInterrupt(cancel), CohortProgressBar(len(found.slides), sys.stderr) as bar:
+        result = run_cohort(
+            found.slides,
+            args.out,
+            models=tuple(args.model or ()),
+            options=options,
+            config=config,
+            device=args.device,
+            formats=formats,
+            patients=patients,
+            missing_mpp=args.missing_mpp,
+            scheduler=args.scheduler,
+            local_cluster=args.local_cluster,
+            restart=args.restart,
+            cancel=cancel,
+            on_progress=bar,
+        )
+    counts = {s: result.count(s) for s in (STATUS_DONE, STATUS_SKIPPED, STATUS_FAILED)}
+    counts[STATUS_CANCELLED] = result.count(STATUS_CANCELLED)
+    summary = {"cohort_csv": str(result.csv), "cohort_json": str(result.json)}
+    print(json.dumps({**summary, "slides": len(result.rows), **counts}, indent=2))
+    for row in result.failed:
+        error = str(row["error"])
+        where = "" if row["slide"] in error else f"{row['slide']}: "
+        print(f"error: {where}{error}", file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} slide(s) failed; details in {result.json}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if cancel.is_set() or result.cancelled:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .inference.engine import RunConfig
+    from .reports.content import ReportOptions
+    from .reports.job import ReportProgress, ReportRequest, make_report
+
+    _check_positive("--hpf-area", args.hpf_area)
+    _check_positive("--mpp", args.mpp)
+    _check_positive("--batch-size", args.batch_size)
+    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in ("html", "pdf")]
+    if unknown or not formats:
+        raise HistoAIError(f"--format {args.format!r} is invalid: expected html, pdf or html,pdf")
+    for path in [*args.paths, *(args.run or [])]:
+        if not Path(path).exists():
+            raise HistoAIError(f"{path} does not exist; check the path")
+    options = ReportOptions(patient=args.patient, title=args.title)
+    if args.hpf_area is not None:
+        options = ReportOptions(hpf_area_mm2=args.hpf_area, patient=args.patient, title=args.title)
+    request = ReportRequest(
+        images=tuple(Path(p) for p in args.paths),
+        out_dir=Path(args.out),
+        models=tuple(args.model or ()),
+        runs=tuple(Path(r) for r in args.run or ()),
+        annotations=Path(args.annotations) if args.annotations else None,
+        options=options,
+        config=RunConfig(batch_size=args.batch_size, tissue=not args.no_tissue, mpp=args.mpp),
+        device=args.device,
+        formats=formats,
+    )
+    last_time, last_step = [0.0], [""]
+
+    def progress(p: ReportProgress) -> None:
+        now = time.monotonic()
+        if p.step != last_step[0] or now - last_time[0] >= PROGRESS_INTERVAL_S:
+            last_time[0], last_step[0] = now, p.step
+            print(f"[{p.index + 1}/{p.n_steps}] {p.message}", file=sys.stderr, flush=True)
+
+    cancel = threading.Event()
+    with _StopOnInterrupt(cancel):
+        result = make_report(request, cancel=cancel, on_progress=progress)
+    if result.cancelled:
+        print("stopped: no report written; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(
+        json.dumps(
+            {
+                "files": {k: str(v) for k, v in result.files.items()},
+                "runs": [str(r) for r in result.runs],
+                "summary": result.report.summary,
+            },
+            indent=2,
+        )
+    )
+    for sentence in result.report.summary:
+        print(sentence, file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "infer":
         from .bench.infer import run_infer_benchmark
@@ -345,8 +481,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             write_json(args.json_out, result)
         print(json.dumps(result, indent=2))
         return 0
+    if args.what == "cohort":
+        from .atomic import write_json_atomic as write_json
+        from .bench.cohort import run_cohort_benchmark
+
+        result = run_cohort_benchmark(
+            args.paths,
+            copies=args.copies,
+            size=args.size,
+            models=() if args.default_panel else tuple(args.model or ("mitosis-fcn",)),
+            workers=args.workers,
+            device=args.device,
+            work_dir=args.work_dir,
+        )
+        if args.json_out:
+            write_json(args.json_out, result)
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.what == "report":
+        from .atomic import write_json_atomic as write_json
+        from .bench.report import run_report_benchmark
+
+        _check_positive("--repeats", args.repeats)
+        result = run_report_benchmark(
+            args.path,
+            models=tuple(args.model or ()),
+            repeats=args.repeats,
+            device=args.device,
+            work_dir=args.work_dir,
+        )
+        if args.json_out:
+            write_json(args.json_out, result)
+        print(json.dumps(result, indent=2))
+        return 0
     raise HistoAIError(
-        f"unknown benchmark {args.what!r}: expected one of: read, infer, annotations, retrain"
+        f"unknown benchmark {args.what!r}: expected one of: read, infer, annotations, retrain, "
+        "cohort, report"
     )
 
 
@@ -1016,6 +1186,146 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser(
+        "batch",
+        help="a report per slide over many slides (on Dask) and DIR/cohort.csv",
+        description="Run the report's models over every slide (files, or the slide / image "
+        "files of folders) and write DIR/<slide>.report.{html,pdf,json,png} per slide and "
+        "the cohort table DIR/cohort.csv (+ cohort.json), one row per slide, rewritten after "
+        "each slide. One Dask task per slide, on a local cluster by default. Slides whose "
+        "report is up to date are skipped; unfinished runs resume. A failing slide is a "
+        "'failed' row and the others go on (exit 2). Ctrl-C stops after the current step "
+        "(exit 130); run the same command again to resume.",
+    )
+    p.add_argument("slides", nargs="+", metavar="SLIDES", help="slide files and folders")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="registered model to run (repeat for several; default: the reports' panel "
+        "for the image kind); see `napari-histo-ai models`",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument(
+        "--restart", action="store_true", help="redo every slide (default: skip done ones)"
+    )
+    p.add_argument(
+        "--patient-csv",
+        default=None,
+        metavar="FILE",
+        help="CSV with 'slide' and 'patient' columns: a patient's slides make one report",
+    )
+    p.add_argument(
+        "--hpf-area",
+        type=float,
+        default=None,
+        metavar="MM2",
+        help="area of one high-power field, mm² (default 0.237: field number 22 at 40x)",
+    )
+    p.add_argument(
+        "--format", default="html,pdf", metavar="F", help="html, pdf or html,pdf (default)"
+    )
+    p.add_argument(
+        "--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass"
+    )
+    mpp = p.add_mutually_exclusive_group()
+    mpp.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="µm/px of every slide, overriding their metadata (for slides without one: "
+        "--missing-mpp)",
+    )
+    mpp.add_argument(
+        "--missing-mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="µm/px of the slides whose file records none (the others keep theirs)",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--local-cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers of the local Dask cluster (default: min(CPU cores, slides)); 0: run "
+        "here, one slide after the other, without Dask",
+    )
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="run on this Dask cluster instead: its workers must see the slides and DIR at "
+        "the same paths (shared file system) and have the same models registered",
+    )
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser(
+        "report",
+        help="a slide / patient report (HTML, PDF, thumbnail, JSON) from models or runs",
+        description="Run the report's models on the image(s) (default: the panel for the "
+        "image kind; complete runs in DIR are reused, partial ones resumed), measure them "
+        "(mitoses per mm² and per 10 HPF, tumour fraction, benign / malignant call, "
+        "magnification check...) and write DIR/<image>.report.{html,pdf,png,json}. Several "
+        "images make one patient report. Prints the files as JSON and the summary "
+        "sentences. Ctrl-C stops after the current batch (exit 130).",
+    )
+    p.add_argument("paths", nargs="+", metavar="IMAGE")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="registered model to run (repeat for several); see `napari-histo-ai models`",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        default=None,
+        metavar="RUN.zarr",
+        help="existing run folder to include (repeat); must be a run of one of the images",
+    )
+    p.add_argument(
+        "--annotations",
+        default=None,
+        metavar="STORE",
+        help="annotation store (*.sqlite): count reviewed objects instead of the model's",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--patient", default=None, metavar="ID", help="patient identifier")
+    p.add_argument("--title", default=None, metavar="TEXT", help="the report's title")
+    p.add_argument(
+        "--hpf-area",
+        type=float,
+        default=None,
+        metavar="MM2",
+        help="area of one high-power field, mm² (default 0.237: field number 22 at 40x)",
+    )
+    p.add_argument(
+        "--format", default="html,pdf", metavar="F", help="html, pdf or html,pdf (default)"
+    )
+    p.add_argument(
+        "--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, metavar="N", help="tiles per forward pass"
+    )
+    p.add_argument("--no-tissue", action="store_true", help="run every tile, background included")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="M",
+        help="µm/px of the images (overrides metadata)",
+    )
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("bench", help="run a benchmark and print JSON")
     p.set_defaults(func=_cmd_bench)
     benches = p.add_subparsers(dest="what", required=True)
@@ -1104,6 +1414,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, metavar="N")
     p.add_argument("--device", default="auto", metavar="D")
     p.add_argument("--work-dir", default=None, metavar="DIR", help="keep the runs here")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = benches.add_parser(
+        "cohort",
+        help="batch on a local Dask cluster of 2 workers vs the same reports one by one",
+    )
+    p.add_argument("paths", nargs="*", metavar="SLIDE", help="slides (default: --copies copies)")
+    p.add_argument("--copies", type=int, default=4, metavar="N", help="synthetic slides")
+    p.add_argument("--size", type=int, default=1024, metavar="PX", help="their side, px")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="model of the reports (repeat; default: mitosis-fcn)",
+    )
+    p.add_argument("--default-panel", action="store_true", help="the reports' default panel")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="local cluster size")
+    p.add_argument("--device", default="cpu", metavar="D")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="keep slides and outputs")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
+    p.set_defaults(func=_cmd_bench)
+
+    p = benches.add_parser(
+        "report",
+        help="a report from existing runs vs reading its thumbnail level and the runs' time",
+    )
+    p.add_argument("path", nargs="?", default=None, metavar="SLIDE", help="default: the sample")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="model of the report (repeat; default: the panel for the image kind)",
+    )
+    p.add_argument("--repeats", type=int, default=3, metavar="N", help="timed report builds")
+    p.add_argument("--device", default="cpu", metavar="D", help="device of the one-off runs")
+    p.add_argument("--work-dir", default=None, metavar="DIR", help="keep the runs and reports")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON here")
     p.set_defaults(func=_cmd_bench)
 

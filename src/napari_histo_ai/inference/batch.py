@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,10 +52,17 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchProgress",
     "Task",
+    "WorkerChannel",
+    "cluster_names",
+    "dask_client",
+    "error_line",
     "image_stem",
+    "is_input_error",
     "plan_tasks",
     "predict_paths",
     "run_folder",
+    "sigint_ignored",
+    "watch_futures",
 ]
 
 #: a worker reports progress (and looks for a stop request) at most this often, seconds
@@ -234,11 +241,21 @@ def plan_tasks(
 
 
 # ----------------------------------------------------------------------------- one task
-def _error_line(exc: BaseException) -> str:
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` describes a bad input (reported in one line, without a traceback)
+    rather than a bug or a crash (whose traceback is kept)."""
+    return isinstance(exc, _INPUT_ERRORS)
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: the message of a bad input, ``Type: message`` of a crash."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, _INPUT_ERRORS):
+    if is_input_error(exc):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_error_line = error_line
 
 
 def _failed(task: Task, model: str, exc: BaseException) -> dict[str, Any]:
@@ -367,6 +384,65 @@ def _check_model_on_worker(model: str, device: str) -> str | None:
     return None
 
 
+class WorkerChannel:
+    """Runs on a worker: throttled progress events to the client, and its stop request.
+
+    Create it at the start of a task (inside the worker process). Dask arrays computed
+    inside the task (the image's lazy levels, e.g. for the tissue mask) would go to the
+    cluster through the worker's client, which cannot ship an open file: this worker
+    process computes them with local threads instead. The worker's client makes itself
+    dask's default scheduler when it is created, so it is created first; the setting is
+    for the process, not per task, so that concurrent tasks on one worker agree.
+
+    Parameters
+    ----------
+    topic : str
+        The event topic the client listens to (`cluster_names`).
+    stop_name : str
+        The name of the cluster-wide `distributed.Event` that asks every task to stop.
+    interval : float
+        Seconds between two events (and two looks at the stop request).
+
+    Attributes
+    ----------
+    cancel : threading.Event
+        Set once the stop request has been seen: pass it to the work as ``cancel``.
+    """
+
+    def __init__(
+        self, topic: str, stop_name: str, *, interval: float = WORKER_REPORT_INTERVAL_S
+    ) -> None:
+        import dask
+        from distributed import Event, get_client, get_worker
+
+        self.worker = get_worker()
+        client = get_client()
+        dask.config.set({"scheduler": "threads"})
+        self.topic = topic
+        self.interval = interval
+        self.stop = Event(stop_name, client=client)
+        self.cancel = threading.Event()
+        self.last = 0.0
+
+    def stopped(self) -> bool:
+        """Look at the stop request now (sets `cancel` when it is there)."""
+        with contextlib.suppress(Exception):  # the stop request is best effort
+            if self.stop.is_set():
+                self.cancel.set()
+        return self.cancel.is_set()
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send ``message`` to the client unless one went less than ``interval`` ago;
+        then look at the stop request."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        with contextlib.suppress(Exception):  # progress is best effort
+            self.worker.log_event(self.topic, message)
+        self.stopped()
+
+
 def _task_on_worker(
     task: Task,
     model: str,
@@ -376,43 +452,20 @@ def _task_on_worker(
     topic: str,
     stop_name: str,
 ) -> dict[str, Any]:
-    """Runs on a worker: one task, with throttled progress events and stop checks.
-
-    Dask arrays computed inside the task (the image's lazy levels, e.g. for the tissue
-    mask) would go to the cluster through the worker's client, which cannot ship an
-    open file: this worker process computes them with local threads instead. The
-    worker's client makes itself dask's default scheduler when it is created, so it is
-    created first; the setting is for the process, not per task, so that concurrent
-    tasks on one worker agree.
-    """
-    import dask
-    from distributed import Event, get_client, get_worker
-
+    """Runs on a worker: one task, with throttled progress events and stop checks."""
     from ..models.loading import load_model
     from ..models.registry import load_registry
 
-    worker = get_worker()
-    client = get_client()
-    dask.config.set({"scheduler": "threads"})
-    stop = Event(stop_name, client=client)
-    cancel = threading.Event()
-    last = [0.0]
+    channel = WorkerChannel(topic, stop_name)
 
     def report(p: Progress) -> None:
-        now = time.monotonic()
-        if now - last[0] < WORKER_REPORT_INTERVAL_S:
-            return
-        last[0] = now
-        with contextlib.suppress(Exception):  # progress and stop are best effort
-            worker.log_event(topic, _as_message(_progress_of(task, n_tasks, p)))
-            if stop.is_set():
-                cancel.set()
+        channel.send(_as_message(_progress_of(task, n_tasks, p)))
 
     try:
-        if stop.is_set():  # stopped before this task began
+        if channel.stopped():  # stopped before this task began
             return _not_started(task, model)
         predictor = load_model(load_registry().get(model), device=device)
-        return _run_task(task, predictor, config, cancel=cancel, on_progress=report)
+        return _run_task(task, predictor, config, cancel=channel.cancel, on_progress=report)
     except Exception as exc:  # reported per input; the other tasks go on
         return _failed(task, model, exc)
 
@@ -430,7 +483,7 @@ _MESSAGE_KEYS = ("label", "index", "n_tasks", "done", "total", "tiles_per_s", "e
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Any:
+def sigint_ignored() -> Iterator[None]:
     """Ignore SIGINT (in the main thread) while inside; processes started meanwhile keep
     ignoring it, so that a terminal's Ctrl-C stops the batch cleanly through ``cancel``
     instead of killing the local cluster's workers mid-task."""
@@ -446,18 +499,42 @@ def _sigint_ignored() -> Any:
         signal.signal(signal.SIGINT, previous)
 
 
+_sigint_ignored = sigint_ignored
+
+
 @contextlib.contextmanager
-def _client(scheduler: str | None, local_cluster: int | None) -> Any:
+def dask_client(scheduler: str | None, local_cluster: int | None) -> Iterator[Any]:
+    """A `distributed.Client` of an existing scheduler, or of a local cluster made here.
+
+    Parameters
+    ----------
+    scheduler : str or None
+        ``tcp://host:port`` of a running scheduler (used when ``local_cluster`` is None).
+    local_cluster : int or None
+        Start a `distributed.LocalCluster` of this many single-threaded worker processes
+        on the loopback interface, without a dashboard; they ignore SIGINT (Ctrl-C
+        reaches only this process) and are stopped when the block ends. The cluster's
+        log messages below errors are silenced.
+
+    Raises
+    ------
+    HistoAIError
+        The scheduler cannot be reached.
+    """
+    import logging
+
     from distributed import Client, LocalCluster
 
     if local_cluster is not None:
-        with _sigint_ignored():  # the worker processes inherit it: Ctrl-C reaches only us
+        with sigint_ignored():  # the worker processes inherit it: Ctrl-C reaches only us
             cluster = LocalCluster(
                 n_workers=local_cluster,
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # the cluster's own chatter (e.g. a slow worker shutdown) is not the user's
+                silence_logs=logging.ERROR,
             )
         with cluster, Client(cluster) as client:
             yield client
@@ -473,6 +550,75 @@ def _client(scheduler: str | None, local_cluster: int | None) -> Any:
             yield client
 
 
+_client = dask_client
+
+
+def cluster_names() -> tuple[str, str]:
+    """A fresh (event topic, stop event name) pair for one batch on a cluster."""
+    name = f"napari-histo-ai-{uuid.uuid4().hex}"
+    return f"{name}-progress", f"{name}-stop"
+
+
+def watch_futures(
+    client: Any,
+    futures: Sequence[Any],
+    *,
+    topic: str,
+    stop_name: str,
+    cancel: threading.Event | None,
+    poll_s: float = 0.5,
+) -> Iterator[tuple[str, Any]]:
+    """Follow submitted tasks: their progress events, their ends, and ``cancel``.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    futures : sequence of distributed.Future
+        The tasks, in order; each sends events (dicts with an ``"index"``: its position)
+        on ``topic`` through a `WorkerChannel`.
+    topic, stop_name : str
+        From `cluster_names`.
+    cancel : threading.Event or None
+        When set, the stop event is set: every task stops after its current step.
+    poll_s : float
+        Seconds between two looks at the futures and at ``cancel``.
+
+    Yields
+    ------
+    ("progress", dict) or ("finished", int)
+        A worker's event (late events of a task already finished are dropped), or the
+        index of a task that has just ended (its future is done). In this thread.
+    """
+    from distributed import Event
+    from distributed import wait as wait_futures
+
+    messages: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+    finished: set[int] = set()
+    stop = Event(stop_name, client=client)
+    client.subscribe_topic(topic, lambda event: messages.put(event[1]))
+    try:
+        pending = dict(enumerate(futures))
+        while pending:
+            with contextlib.suppress(TimeoutError):
+                wait_futures(list(pending.values()), timeout=poll_s, return_when="FIRST_COMPLETED")
+            if cancel is not None and cancel.is_set() and not stop.is_set():
+                stop.set()
+            while True:
+                try:
+                    msg = messages.get_nowait()
+                except queue.Empty:
+                    break
+                if msg.get("index") not in finished:
+                    yield "progress", msg
+            for index, future in list(pending.items()):
+                if future.done():
+                    del pending[index]
+                    finished.add(index)
+                    yield "finished", index
+    finally:
+        client.unsubscribe_topic(topic)
+
+
 def _run_on_cluster(
     tasks: list[Task],
     model: str,
@@ -484,56 +630,30 @@ def _run_on_cluster(
     cancel: threading.Event | None,
     on_progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:
-    from distributed import Event
-    from distributed import wait as wait_futures
-
     n = len(tasks)
-    name = f"napari-histo-ai-{uuid.uuid4().hex}"
-    topic, stop_name = f"{name}-progress", f"{name}-stop"
-    messages: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-    reported: set[int] = set()  # tasks whose end was reported
-
-    def deliver() -> None:
-        while on_progress is not None:
-            try:
-                msg = messages.get_nowait()
-            except queue.Empty:
-                return
-            if msg.get("index") not in reported:  # late events of a finished task
-                on_progress(_from_message(msg))
-
-    with _client(scheduler, local_cluster) as client:
+    topic, stop_name = cluster_names()
+    with dask_client(scheduler, local_cluster) as client:
         # a bad model name or device fails once, with the worker's list of models
         problem = client.submit(_check_model_on_worker, model, device, pure=False).result()
         if problem is not None:
             raise HistoAIError(problem)
-        stop = Event(stop_name, client=client)
-        client.subscribe_topic(topic, lambda event: messages.put(event[1]))
-        try:
-            futures = [
-                client.submit(
-                    _task_on_worker, task, model, device, config, n, topic, stop_name, pure=False
+        futures = [
+            client.submit(
+                _task_on_worker, task, model, device, config, n, topic, stop_name, pure=False
+            )
+            for task in tasks
+        ]
+        events = watch_futures(client, futures, topic=topic, stop_name=stop_name, cancel=cancel)
+        for kind, value in events:
+            if on_progress is None:
+                continue
+            if kind == "progress":
+                on_progress(_from_message(value))
+            else:
+                on_progress(
+                    _finished(tasks[value], n, _entry_of(futures[value], tasks[value], model))
                 )
-                for task in tasks
-            ]
-            pending = set(futures)
-            while pending:
-                with contextlib.suppress(TimeoutError):
-                    wait_futures(list(pending), timeout=0.5, return_when="FIRST_COMPLETED")
-                if cancel is not None and cancel.is_set() and not stop.is_set():
-                    stop.set()
-                deliver()
-                for index, future in enumerate(futures):
-                    if future in pending and future.done():
-                        pending.discard(future)
-                        reported.add(index)
-                        if on_progress is not None:
-                            on_progress(
-                                _finished(tasks[index], n, _entry_of(future, tasks[index], model))
-                            )
-            entries = [_entry_of(f, t, model) for f, t in zip(futures, tasks, strict=True)]
-        finally:
-            client.unsubscribe_topic(topic)
+        entries = [_entry_of(f, t, model) for f, t in zip(futures, tasks, strict=True)]
     return entries
 
 
