@@ -80,6 +80,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="further training data for --retrain (e.g. ../shared/data/ami_br_mitosis)",
     )
     parser.add_argument(
+        "--open-widget",
+        action="store_true",
+        help="bring 'Open slide / volume' to the front and press Estimate magnification "
+        "(the screenshot waits for it; docs/images/open.png uses it with --model none)",
+    )
+    parser.add_argument(
+        "--export",
+        metavar="FOLDER",
+        type=Path,
+        help="with --review: after the review, export the store as QuPath GeoJSON "
+        "(FOLDER/annotations.geojson) and a training set (FOLDER/trainset) from the "
+        "Review & correct widget; the screenshot waits for the training set",
+    )
+    parser.add_argument(
+        "--report",
+        metavar="FOLDER",
+        type=Path,
+        help="after the run, dock 'Generate report' and press it: the run in the viewer plus "
+        "the default models of the image kind, report files in FOLDER; the screenshot waits "
+        "for the report",
+    )
+    parser.add_argument(
         "--size",
         default="1400x900",
         help="window size WIDTHxHEIGHT for the screenshot (default 1400x900)",
@@ -187,7 +209,33 @@ def run_models(viewer: napari.Viewer, layers: list[Layer], args: argparse.Namesp
             worker.finished.connect(lambda: _show_nuclei(viewer, widget))
         if args.review is not None:
             worker.finished.connect(lambda: review(viewer, widget, args.review, args))
+        elif args.report is not None:
+            worker.finished.connect(lambda: report(viewer, widget, args))
     return worker
+
+
+def report(viewer: napari.Viewer, run_widget: Any, args: Any) -> None:
+    """Dock "Generate report" in front and press it (the run in the viewer plus the image
+    kind's default models); ``args.ready`` callbacks run when the report is written."""
+    from napari_histo_ai.widgets.report_widget import ReportWidget
+
+    widget = ReportWidget(viewer, out_dir=args.report.expanduser().resolve())
+    dock = viewer.window.add_dock_widget(widget, name="Generate report", tabify=True)
+    widget.image_combo.setCurrentText(run_widget.image_combo.currentText())
+    worker = widget.generate()
+    if worker is None:
+        print(f"demo: report: {widget.status_label.text()}")
+        for callback in args.ready:
+            callback()
+        return
+
+    def written() -> None:
+        print(f"demo: report: {widget.status_label.text()}")
+        dock.raise_()
+        for callback in args.ready:
+            callback()
+
+    worker.finished.connect(written)
 
 
 def review(viewer: napari.Viewer, run_widget: Any, folder: Path, args: Any = None) -> None:
@@ -226,6 +274,30 @@ def review(viewer: napari.Viewer, run_widget: Any, folder: Path, args: Any = Non
             action()
         layer.selected_data = set()
     print(f"demo: review: {widget.status_label.text()}")
+    if args is not None and getattr(args, "export", None) is not None:
+        export(viewer, widget, args)
+
+
+def export(viewer: napari.Viewer, review_widget: Any, args: Any) -> None:
+    """Export the store as GeoJSON, then a training set, through the Review & correct
+    widget's own buttons; ``args.ready`` callbacks run when the training set is written."""
+    folder = args.export.expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    review_widget.export_path.setText(str(folder / "annotations.geojson"))
+    review_widget.export()
+    print(f"demo: export: {review_widget.status_label.text()}")
+    review_widget.training_dir.setText(str(folder / "trainset"))
+    worker = review_widget.export_training_set()
+    if worker is None:
+        for callback in args.ready:
+            callback()
+        return
+    worker.finished.connect(lambda: print(f"demo: export: {review_widget.status_label.text()}"))
+    dock = review_widget.parent()  # napari's dock around the widget
+    if hasattr(dock, "raise_"):  # in front of the Run model tab, raised after the run
+        worker.finished.connect(dock.raise_)
+    for callback in args.ready:
+        worker.finished.connect(callback)
 
 
 def retrain(viewer: napari.Viewer, run_widget: Any, review_widget: Any, args: Any) -> None:
@@ -305,9 +377,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.model != "none":
             retrain_widget.model_combo.setCurrentText(args.model)
         viewer.window.add_dock_widget(retrain_widget, name="Retrain", tabify=True)
+        if args.report is None:  # the report dock, ready for a press of Generate report
+            from napari_histo_ai.widgets.report_widget import ReportWidget
+
+            viewer.window.add_dock_widget(ReportWidget(viewer), name="Generate report", tabify=True)
         if worker is not None:  # keep the run's widget in front
             run_dock, _ = viewer.window.add_plugin_dock_widget("napari-histo-ai", "Run model")
             worker.finished.connect(run_dock.raise_)  # after the tab bar has settled
+    estimate = None
+    if args.open_widget:  # the Open widget in front, with its magnification check
+        open_dock, _ = viewer.window.add_plugin_dock_widget(
+            "napari-histo-ai", "Open slide / volume"
+        )
+        QTimer.singleShot(0, open_dock.raise_)
+        estimate = widget.estimate_magnification()
 
     if args.screenshot is None:
         napari.run()
@@ -334,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if worker is not None and args.retrain is not None and args.review is not None:
         args.ready.append(later)  # after retraining and the new version's run
+    elif worker is not None and args.report is not None and args.review is None:
+        args.ready.append(later)  # after the report is written
+    elif worker is not None and args.export is not None and args.review is not None:
+        args.ready.append(later)  # after the GeoJSON and training-set export
+    elif estimate is not None and worker is None:
+        estimate.finished.connect(later)  # after the magnification estimate
     elif worker is not None:  # screenshot once the model's layers are complete
         worker.finished.connect(later)
     else:

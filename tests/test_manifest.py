@@ -71,6 +71,7 @@ def test_contributions(manifest):
         "Run model",
         "Review & correct",
         "Retrain",
+        "Generate report",
     ]
     writers = {(w.command, tuple(w.layer_types), tuple(w.filename_extensions))
                for w in contributions.writers or []}  # fmt: skip

@@ -583,6 +583,8 @@ class ReviewWidget(QWidget):
         n = len(getattr(manifest, "samples", ()) or ())
         path = getattr(manifest, "path", None) or self.training_dir.text()
         state = "done" if complete else "cancelled (no manifest written)"
+        if complete:  # the last progress record precedes the manifest: show it full
+            self.progress.setValue(self.progress.maximum())
         self._set_status(f"training set {state}: {n} samples in {path}")
 
     def _on_worker_error(self, exc: BaseException) -> None:
